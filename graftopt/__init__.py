@@ -1,0 +1,27 @@
+"""graftopt: filter grafting for any PyTorch training loop."""
+
+from . import adapters as adapters
+from . import functional as functional
+from .diagnostics import InvalidFilters as InvalidFilters
+from .diagnostics import RoundRecord as RoundRecord
+from .diagnostics import invalid_filters as invalid_filters
+from .optimizer import GraftOptimizer as GraftOptimizer
+from .optimizer import ring as ring
+from .peers import ModulePeers as ModulePeers
+from .peers import PeerSource as PeerSource
+from .rounds import GraftSettings as GraftSettings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GraftOptimizer",
+    "GraftSettings",
+    "InvalidFilters",
+    "ModulePeers",
+    "PeerSource",
+    "RoundRecord",
+    "adapters",
+    "functional",
+    "invalid_filters",
+    "ring",
+]

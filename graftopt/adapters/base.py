@@ -1,0 +1,81 @@
+"""What an adapter tells the grafter: the units of a model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+__all__ = ["Adapter", "Unit", "tensor_table", "unwrap"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A group of tensors scored together and blended with one alpha (or one per filter).
+
+    Names are qualified names in the unwrapped model's parameters and buffers.
+
+    Args:
+        name: the unit's name, usually the qualified name of its conv or linear module.
+        scored: tensors whose values are scored; at filter level, filter ``j`` is slice ``j``
+            of each along its axis.
+        members: every tensor blended with this unit's alpha, the scored ones included.
+        axes: per member, the axis that runs over the unit's filters, or ``None`` where the
+            member has no per-filter structure (it then gets the mean of the filter alphas).
+        gamma: the normalization scale that consumes the unit's output, for ``criterion="bn"``.
+    """
+
+    name: str
+    scored: tuple[str, ...]
+    members: tuple[str, ...]
+    axes: tuple[int | None, ...] = field(default=())
+    gamma: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.axes:
+            object.__setattr__(self, "axes", (0,) * len(self.members))
+        if len(self.axes) != len(self.members):
+            raise ValueError(f"unit {self.name!r}: {len(self.members)} members but {len(self.axes)} axes")
+        missing = [s for s in self.scored if s not in self.members]
+        if missing:
+            raise ValueError(f"unit {self.name!r}: scored tensors {missing} are not members")
+
+    def axis_of(self, member: str) -> int | None:
+        return self.axes[self.members.index(member)]
+
+
+class Adapter(ABC):
+    """Decides which tensors of a model are scored and blended together.
+
+    Subclasses implement :meth:`units`; it receives the unwrapped model (no DDP ``module.``
+    or ``torch.compile`` ``_orig_mod.`` prefixes) and must return the same units, in the same
+    order, for two instances of one architecture.
+    """
+
+    name: str = "adapter"
+
+    @abstractmethod
+    def units(self, model: nn.Module) -> list[Unit]:
+        """The model's units, in a deterministic order."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel/DataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def tensor_table(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer of a model by qualified name."""
+    table: dict[str, Tensor] = dict(model.named_parameters())
+    table.update(model.named_buffers())
+    return table

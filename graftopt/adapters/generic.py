@@ -1,0 +1,118 @@
+"""The default adapter: every conv and linear layer is a unit, with the norm that consumes it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Adapter, Unit
+
+__all__ = ["GenericAdapter", "pair_norms", "unit_for"]
+
+_CONV = nn.modules.conv._ConvNd
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+# Norm tensors that ride along with the unit; num_batches_tracked is a counter, not a weight.
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_channels if isinstance(module, _CONV) else module.out_features
+
+
+def _norm_channels(norm: nn.Module) -> int | None:
+    if isinstance(norm, nn.GroupNorm):
+        return norm.num_channels
+    if isinstance(norm, nn.LayerNorm):
+        shape = tuple(norm.normalized_shape)
+        return shape[0] if len(shape) == 1 else None
+    return norm.num_features
+
+
+def _fits(layer: nn.Module, norm: nn.Module) -> bool:
+    if isinstance(norm, nn.LayerNorm) and not isinstance(layer, nn.Linear):
+        return False  # a LayerNorm after a conv normalizes spatial positions, not its channels
+    return _norm_channels(norm) == _out_channels(layer)
+
+
+def _is_layer(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return False
+    return isinstance(module, (_CONV, nn.Linear))
+
+
+def _pairs_by_dataflow(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str] | None:
+    """Norms whose input is a layer's output, found by torch.fx; None if the model won't trace."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:
+        return None
+    modules = dict(model.named_modules())
+    pairs: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _NORMS):
+            continue
+        src = node.args[0] if node.args else None
+        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or src.target not in layers:
+            continue
+        if src.target not in pairs and _fits(layers[src.target], modules[node.target]):
+            pairs[src.target] = node.target
+    return pairs
+
+
+def _pairs_by_order(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
+    """A layer paired with the norm registered right after it, when the channels agree."""
+    pairs: dict[str, str] = {}
+    previous: str | None = None
+    for name, module in model.named_modules():
+        if name in layers:
+            previous = name
+        elif isinstance(module, _NORMS):
+            if previous is not None and _fits(layers[previous], module):
+                pairs[previous] = name
+            previous = None
+        elif next(module.parameters(recurse=False), None) is not None:
+            previous = None
+    return pairs
+
+
+def pair_norms(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
+    """Map each layer name to the name of the norm that consumes its output."""
+    pairs = _pairs_by_dataflow(model, layers)
+    return _pairs_by_order(model, layers) if pairs is None else pairs
+
+
+def unit_for(model: nn.Module, name: str, norm: str | None) -> Unit:
+    """The unit of one conv/linear layer: its weight and bias, plus its norm's tensors."""
+    module = model.get_submodule(name)
+    axis = 1 if getattr(module, "transposed", False) else 0
+    members, axes = [f"{name}.weight"], [axis]
+    if getattr(module, "bias", None) is not None:
+        members.append(f"{name}.bias")
+        axes.append(0)
+    gamma = None
+    if norm is not None:
+        nmod = model.get_submodule(norm)
+        for t in _NORM_TENSORS:
+            value = getattr(nmod, t, None)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                members.append(f"{norm}.{t}")
+                axes.append(0)
+        if isinstance(getattr(nmod, "weight", None), torch.Tensor):
+            gamma = f"{norm}.weight"
+    return Unit(name, (f"{name}.weight",), tuple(members), tuple(axes), gamma)
+
+
+class GenericAdapter(Adapter):
+    """Each Conv (1d/2d/3d, grouped, depthwise, transposed) and each Linear is a unit.
+
+    A unit's members are the layer's weight and bias and the tensors of the normalization
+    layer that directly consumes its output (found by torch.fx data flow, or by registration
+    order when the model does not trace).
+    """
+
+    name = "generic"
+
+    def units(self, model: nn.Module) -> list[Unit]:
+        layers = {n: m for n, m in model.named_modules() if _is_layer(m)}
+        pairs = pair_norms(model, layers)
+        return [unit_for(model, name, pairs.get(name)) for name in layers]

@@ -1,0 +1,312 @@
+"""GraftOptimizer: any torch optimizer, plus a graft round after every ``every``-th step."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+import warnings
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .adapters import Adapter, get_adapter, unwrap
+from .diagnostics import RoundRecord
+from .peers import ModulePeers, PeerSource
+from .rounds import Grafter, GraftSettings, Participant
+
+__all__ = ["GraftOptimizer", "ring"]
+
+_STATE_VERSION = 1
+
+
+def _owner_chain(param: Tensor) -> Iterable[nn.Module]:
+    """Modules holding ``param``, then their ancestors, found through the garbage collector.
+
+    A module holds its children and parameters in dicts (``_parameters``, ``_modules``) that
+    sit in its instance dict, so the path up goes through at most two dicts per level.
+    """
+    seen: set[int] = set()
+    frontier: list[object] = [param]
+    while frontier:
+        obj = frontier.pop(0)
+        dicts: list[tuple[object, int]] = [(obj, 0)]
+        while dicts:
+            cur, depth = dicts.pop(0)
+            for ref in gc.get_referrers(cur):
+                if isinstance(ref, nn.Module) and id(ref) not in seen:
+                    seen.add(id(ref))
+                    frontier.append(ref)
+                    yield ref
+                elif isinstance(ref, dict) and depth < 2:
+                    dicts.append((ref, depth + 1))
+
+
+def _infer_host(optimizer: Optimizer) -> nn.Module:
+    """The model whose ``parameters()`` are exactly the optimizer's parameters, in order."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not params:
+        raise ValueError("the optimizer holds no parameters")
+    ids = [id(p) for p in params]
+    for module in _owner_chain(params[0]):
+        if [id(p) for p in module.parameters()] == ids:
+            return unwrap(module)
+    raise ValueError(
+        "cannot tell which model this optimizer trains: its parameters are not exactly one "
+        "model's parameters in module order (parameter groups such as timm's weight-decay "
+        "split reorder them); pass model=the_host_model to GraftOptimizer"
+    )
+
+
+class GraftOptimizer(Optimizer):
+    r"""Wrap an optimizer so that its model grafts from its peers every ``every`` steps.
+
+    After each ``every``-th call of :meth:`step`, each unit of the host (a conv or linear layer
+    and the norm consuming it, as the adapter says) is blended with the same unit of each
+    peer:
+
+    .. math::
+        W \leftarrow \frac1m \sum_j \big(\alpha_j W + (1-\alpha_j) W_j\big), \quad
+        \alpha_j = \tfrac12 + \tfrac{A}{\pi}\arctan\big(c\,(H(W) - H(W_j))\big)
+
+    with :math:`H` the entropy of the weights over ``bins`` equal-width bins. Everything else
+    behaves as the inner optimizer: ``param_groups`` and ``state`` are the inner's own objects.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (SGD, AdamW, timm's, ...).
+        peers: the models to graft from (``nn.Module``, possibly DDP- or compile-wrapped), or
+            a :class:`~graftopt.peers.PeerSource`.
+        every: steps between rounds (>= 1).
+        model: the host model; inferred when the optimizer holds exactly one model's
+            parameters in module order (``SGD(model.parameters())``).
+        A: amplitude of the alpha curve, in [0, 1] (default 0.4: alpha in (0.3, 0.7)).
+        c: steepness of the alpha curve, >= 0 (default 500).
+        bins: histogram bins of the entropy (default 10).
+        level: ``"layer"`` (one alpha per unit) or ``"filter"`` (one per output filter).
+        criterion: ``"entropy"``, ``"l1"`` (mean absolute value) or ``"bn"`` (the norm scale,
+            filter level).
+        adapter: overrides the registry's adapter for the host's architecture.
+        callback: called with each round's :class:`~graftopt.diagnostics.RoundRecord`.
+        history: how many recent rounds :attr:`history` keeps (default 100; 0 keeps none).
+
+    Example::
+
+        opt = GraftOptimizer(SGD(model.parameters(), lr=0.1, momentum=0.9), peers=[m1, m2], every=390)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        peers: Sequence[nn.Module] | PeerSource,
+        *,
+        every: int,
+        model: nn.Module | None = None,
+        A: float = 0.4,
+        c: float = 500.0,
+        bins: int = 10,
+        level: str = "layer",
+        criterion: str = "entropy",
+        adapter: Adapter | None = None,
+        callback: Callable[[RoundRecord], None] | None = None,
+        history: int = 100,
+    ) -> None:
+        # super().__init__ is not called on purpose: it would register the parameters a second
+        # time. The wrapper shares the inner optimizer's param_groups, state and defaults.
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        if history < 0:
+            raise ValueError(f"history must be >= 0, got {history}")
+        settings = GraftSettings(A=A, c=c, bins=bins, level=level, criterion=criterion)
+        self.optimizer = optimizer
+        self.every = every
+        self.callback = callback
+        self.history: deque[RoundRecord] = deque(maxlen=history)
+
+        if isinstance(peers, PeerSource):
+            source = peers
+        else:
+            if isinstance(peers, nn.Module):
+                raise TypeError("peers must be a list of models (or a PeerSource), not one model")
+            source = ModulePeers(list(peers))
+        host = unwrap(model) if model is not None else _infer_host(optimizer)
+        self.model = host
+        self.adapter = adapter if adapter is not None else get_adapter(host)
+        units = self.adapter.units(host)
+        source.bind(host, units, self.adapter)
+        # A weak reference, so that dropping the wrapper frees the host for another wrapper
+        # without waiting for the garbage collector to break a cycle.
+        record = weakref.WeakMethod(self._record)
+        self._participant = Participant(
+            Grafter(host, units, source, settings), every, lambda rec: record()(rec)
+        )
+
+    # -- delegation -------------------------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("GraftOptimizer cannot be pickled; save state_dict() instead")
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (
+            f"GraftOptimizer(every={self.every}, peers={self._participant.grafter.peers.num_peers}, "
+            f"A={s.A}, c={s.c}, bins={s.bins}, level={s.level!r}, criterion={s.criterion!r}, "
+            f"adapter={self.adapter!r},\n  {self.optimizer!r})"
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    # -- grafting ---------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> GraftSettings:
+        return self._participant.grafter.settings
+
+    @property
+    def units(self) -> list:
+        """The host's units, as the adapter gave them."""
+        return list(self._participant.grafter.units)
+
+    @property
+    def steps(self) -> int:
+        """Inner optimizer steps taken through this wrapper."""
+        return self._participant.steps
+
+    @property
+    def rounds(self) -> int:
+        """Graft rounds completed."""
+        return self._participant.committed
+
+    def _record(self, record: RoundRecord) -> None:
+        if self.history.maxlen:
+            self.history.append(record)
+        if self.callback is not None:
+            self.callback(record)
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """Run the inner step; after every ``every``-th step, run a graft round."""
+        self._participant.before_step()
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._participant.after_step()
+        return loss
+
+    def close(self) -> None:
+        """Stop taking part in rounds so the host can be wrapped by another GraftOptimizer."""
+        self._participant.close()
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        p = self._participant
+        s = self.settings
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "graft": {
+                "version": _STATE_VERSION,
+                "steps": p.steps,
+                "arrived": p.arrived,
+                "committed": p.committed,
+                "every": self.every,
+                "settings": {"A": s.A, "c": s.c, "bins": s.bins, "level": s.level, "criterion": s.criterion},
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the inner optimizer's state and the graft counters.
+
+        A plain inner-optimizer state dict (no ``"graft"`` entry) loads into the inner optimizer
+        with a warning, and the graft counters restart from step 0.
+        """
+        p = self._participant
+        if "graft" not in state_dict:
+            warnings.warn(
+                "loading a state dict without graft state: the inner optimizer's state is loaded, "
+                "graft counters restart at step 0",
+                stacklevel=2,
+            )
+            self.optimizer.load_state_dict(state_dict)
+            p.steps = p.arrived = p.committed = 0
+            return
+        graft = state_dict["graft"]
+        saved = graft.get("settings", {})
+        current = self.state_dict()["graft"]["settings"]
+        changed = {k: (saved[k], current[k]) for k in saved if k in current and saved[k] != current[k]}
+        if graft.get("every", self.every) != self.every:
+            changed["every"] = (graft["every"], self.every)
+        if changed:
+            warnings.warn(
+                f"graft settings differ from the checkpoint's (saved, current): {changed}; "
+                "the current settings are kept",
+                stacklevel=2,
+            )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        p.steps = int(graft["steps"])
+        p.arrived = int(graft["arrived"])
+        p.committed = int(graft["committed"])
+
+
+def ring(
+    models: Sequence[nn.Module], optimizers: Sequence[Optimizer], *, every: int, **kwargs: Any
+) -> list[GraftOptimizer]:
+    """The paper's ring of k networks trained side by side: network i grafts from network i-1.
+
+    Args:
+        models: k >= 2 models of one architecture.
+        optimizers: one optimizer per model, holding that model's parameters.
+        every: steps between rounds.
+        **kwargs: any other :class:`GraftOptimizer` keyword (``A``, ``c``, ``level``, ...).
+
+    Step the models in lockstep (one step each per iteration); a round's result does not
+    depend on their order within the iteration.
+    """
+    if len(models) != len(optimizers):
+        raise ValueError(f"ring() got {len(models)} models but {len(optimizers)} optimizers")
+    if len(models) < 2:
+        raise ValueError(f"ring() needs at least 2 models, got {len(models)}")
+    return [
+        GraftOptimizer(opt, [models[i - 1]], every=every, model=models[i], **kwargs)
+        for i, opt in enumerate(optimizers)
+    ]

@@ -1,0 +1,289 @@
+"""How a graft round runs: scoring all units, the blend, and simultaneous rounds in one process.
+
+A :class:`Grafter` turns one host's tensors and its peers' tensors into blended tensors (pure
+given its inputs). A :class:`Participant` counts one host's steps and commits rounds together
+with every in-process model linked to it by peer relations, so that each blend of round ``r``
+reads weights as they were after each model's own ``r * every``-th step, before any round-``r``
+write, whatever order the models step in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .adapters.base import Unit, tensor_table
+from .diagnostics import RoundRecord
+from .peers import _SNAPSHOTS, PeerSource, read_tensors
+
+__all__ = ["GraftSettings", "Grafter", "Participant"]
+
+LEVELS = ("layer", "filter")
+CRITERIA = ("entropy", "l1", "bn")
+
+
+@dataclass(frozen=True)
+class GraftSettings:
+    """Hyper-parameters of a round; validated on construction."""
+
+    A: float = 0.4
+    c: float = 500.0
+    bins: int = 10
+    level: str = "layer"
+    criterion: str = "entropy"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.A <= 1.0:
+            raise ValueError(f"A must lie in [0, 1], got {self.A}")
+        if not self.c >= 0.0:
+            raise ValueError(f"c must be >= 0, got {self.c}")
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 2:
+            raise ValueError(f"bins must be an integer >= 2, got {self.bins!r}")
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.criterion == "bn" and self.level != "filter":
+            raise ValueError("criterion='bn' scores each filter by its norm scale: use level='filter'")
+
+
+def _rows(tensors: Sequence[Tensor], axes: Sequence[int | None]) -> Tensor:
+    """Scored tensors as one float32 matrix with a row per filter."""
+    parts = []
+    for t, ax in zip(tensors, axes, strict=True):
+        t = t.detach().float()
+        parts.append(t.movedim(ax or 0, 0).reshape(t.shape[ax or 0], -1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class Grafter:
+    """Blends one host with its peers, unit by unit.
+
+    Args:
+        host: the unwrapped host model.
+        units: the host's units from its adapter.
+        peers: where the peers' tensors come from.
+        settings: the round's hyper-parameters.
+    """
+
+    def __init__(self, host: nn.Module, units: Sequence[Unit], peers: PeerSource, settings: GraftSettings) -> None:
+        if not units:
+            raise ValueError(f"{type(host).__name__} has no graft units (no conv or linear layers)")
+        self.host = host
+        self.units = list(units)
+        self.peers = peers
+        self.settings = settings
+        self.names = [n for u in self.units for n in u.members]
+        table = tensor_table(host)
+        missing = [n for n in self.names if n not in table]
+        if missing:
+            raise ValueError(f"the adapter named tensors the host does not have: {missing[:5]}")
+        self._index = {n: i for i, n in enumerate(self.names)}
+
+    def live(self) -> list[Tensor]:
+        """The host's unit tensors themselves (the ones a round writes)."""
+        table = tensor_table(self.host)
+        return [table[n] for n in self.names]
+
+    def _scores(self, tensors: Sequence[Tensor], level: str, criterion: str) -> tuple[Tensor, list[int]]:
+        s = self.settings
+        rows = []
+        for u in self.units:
+            idx = [self._index[n] for n in u.scored]
+            r = _rows([tensors[i] for i in idx], [u.axis_of(n) for n in u.scored])
+            rows.append(r.reshape(1, -1) if level == "layer" else r)
+        slots = [r.shape[0] for r in rows]
+        flat = torch.cat([r.reshape(-1) for r in rows])
+        sizes = [r.shape[1] for r in rows for _ in range(r.shape[0])]
+        if criterion == "l1":
+            lengths = torch.tensor(sizes, device=flat.device)
+            return torch.segment_reduce(flat.abs(), "mean", lengths=lengths), slots
+        return F.segment_entropy(flat, sizes, bins=s.bins), slots
+
+    def _alphas(self, host: Sequence[Tensor], peers: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        s = self.settings
+        criterion = "entropy" if s.criterion == "bn" else s.criterion
+        h_scores, slots = self._scores(host, s.level, criterion)
+        p_scores = torch.stack([self._scores(p, s.level, criterion)[0].to(h_scores.device) for p in peers])
+        alphas = F.graft_alpha(h_scores.unsqueeze(0), p_scores, A=s.A, c=s.c)
+        if s.criterion == "bn":
+            # Units without a norm scale keep the filter-level entropy alpha.
+            start = 0
+            cols = []
+            for u, n in zip(self.units, slots, strict=True):
+                if u.gamma is None:
+                    cols.append(alphas[:, start : start + n])
+                else:
+                    g = host[self._index[u.gamma]]
+                    cols.append(
+                        torch.stack([F.bn_alpha(g, p[self._index[u.gamma]].to(g.device)) for p in peers])
+                    )
+                start += n
+            alphas = torch.cat(cols, dim=1)
+        return h_scores, p_scores, alphas, slots
+
+    @torch.no_grad()
+    def compute(self, host: Sequence[Tensor], peers: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor | None], RoundRecord]:
+        """Blend without writing: per tensor the new value, or None where its unit is skipped.
+
+        The returned record has ``round`` and ``step`` set to 0; the caller fills them in.
+        """
+        h_scores, p_scores, alphas, slots = self._alphas(host, peers)
+        finite = []
+        for u in self.units:
+            idx = [self._index[n] for n in u.members]
+            checks = [torch.isfinite(t).all() for i in idx for t in [host[i], *(p[i] for p in peers)]]
+            finite.append(torch.stack([c.to(host[0].device) for c in checks]).all())
+        ok = torch.stack(finite).tolist()  # the round's one host sync: which units to skip
+        out: list[Tensor | None] = [None] * len(self.names)
+        start = 0
+        for u, n, good in zip(self.units, slots, ok, strict=True):
+            a = alphas[:, start : start + n]
+            start += n
+            if not good:
+                continue
+            for name, axis in zip(u.members, u.axes, strict=True):
+                i = self._index[name]
+                if self.settings.level == "layer":
+                    per_peer = [a[j, 0] for j in range(len(peers))]
+                    ax = None
+                elif axis is None or host[i].dim() == 0 or host[i].shape[axis] != n:
+                    per_peer = [a[j].mean() for j in range(len(peers))]
+                    ax = None
+                else:
+                    per_peer = [a[j] for j in range(len(peers))]
+                    ax = axis
+                out[i] = F.mix(host[i], [p[i] for p in peers], per_peer, axis=ax)
+        skipped = tuple(u.name for u, good in zip(self.units, ok, strict=True) if not good)
+        record = RoundRecord(0, 0, tuple(u.name for u in self.units), tuple(slots), h_scores, p_scores, alphas, skipped)
+        return out, record
+
+
+_REGISTRY: dict[int, weakref.ref[Participant]] = {}
+_ORDER = itertools.count()
+
+
+def _participant_of(module: nn.Module) -> Participant | None:
+    ref = _REGISTRY.get(id(module))
+    p = ref() if ref is not None else None
+    return p if p is not None and p.grafter.host is module else None
+
+
+class Participant:
+    """Counts one host's optimizer steps and runs its rounds, simultaneously with its peers'.
+
+    Args:
+        grafter: the host's grafter.
+        every: run a round after every ``every``-th step.
+        on_round: called with each round's :class:`RoundRecord` after the blend is written.
+    """
+
+    def __init__(self, grafter: Grafter, every: int, on_round: Callable[[RoundRecord], None]) -> None:
+        self.grafter = grafter
+        self.every = every
+        self.on_round = on_round
+        self.steps = 0
+        self.arrived = 0
+        self.committed = 0
+        self._order = next(_ORDER)
+        host = grafter.host
+        other = _participant_of(host)
+        if other is not None:
+            raise ValueError(
+                f"this {type(host).__name__} is already the host of another GraftOptimizer; "
+                "wrap each model once"
+            )
+        _REGISTRY[id(host)] = weakref.ref(self, lambda _, key=id(host): _REGISTRY.pop(key, None))
+
+    def close(self) -> None:
+        """Leave the registry (the host can then be wrapped again)."""
+        if _participant_of(self.grafter.host) is self:
+            del _REGISTRY[id(self.grafter.host)]
+
+    @property
+    def host(self) -> nn.Module:
+        return self.grafter.host
+
+    def _group(self) -> list[Participant]:
+        """Every in-process participant linked to this one through peer relations."""
+        live = [p for p in (r() for r in list(_REGISTRY.values())) if p is not None]
+        group, frontier = {id(self): self}, [self]
+        while frontier:
+            cur = frontier.pop()
+            linked = [_participant_of(m) for m in cur.grafter.peers.modules()]
+            linked += [p for p in live if any(m is cur.host for m in p.grafter.peers.modules())]
+            for p in linked:
+                if p is not None and id(p) not in group:
+                    group[id(p)] = p
+                    frontier.append(p)
+        members = sorted(group.values(), key=lambda p: p._order)
+        for p in members:
+            if p.every != self.every:
+                raise ValueError(
+                    f"models that graft from each other in one process must share `every`: "
+                    f"{type(self.host).__name__} has every={self.every}, a peer has every={p.every}"
+                )
+        return members
+
+    def before_step(self) -> None:
+        """Keep the round-step weights if this host steps again while its round waits."""
+        if self.arrived > self.committed and self.host not in _SNAPSHOTS:
+            _SNAPSHOTS[self.host] = {n: t.detach().clone() for n, t in zip(self.grafter.names, self.grafter.live(), strict=True)}
+
+    def after_step(self) -> None:
+        """Count a step; at every ``every``-th, arrive at the round and commit it if complete."""
+        self.steps += 1
+        if self.steps % self.every:
+            return
+        r = self.steps // self.every
+        group = self._group()
+        if self.committed < r - 1:
+            late = [type(p.host).__name__ + f" (at round {p.arrived})" for p in group if p.arrived < r - 1]
+            raise RuntimeError(
+                f"{type(self.host).__name__} reached graft round {r} while round {r - 1} still waits "
+                f"for its peers {late}: step the models in lockstep (one step each per iteration)"
+            )
+        self.arrived = r
+        if all(p.arrived >= r for p in group):
+            _commit(group, r)
+
+
+def _commit(group: Sequence[Participant], r: int) -> None:
+    """Compute every member's blend from pre-round weights, then write them all."""
+    results = []
+    for p in group:
+        g = p.grafter
+        host = read_tensors(g.host, g.names)
+        new, record = g.compute(host, g.peers.fetch(g.names))
+        results.append((p, new, record))
+    with torch.no_grad():
+        for p, new, _ in results:
+            snap = _SNAPSHOTS.get(p.host)
+            for name, live, value in zip(p.grafter.names, p.grafter.live(), new, strict=True):
+                if value is None:
+                    continue
+                if snap is None:
+                    live.copy_(value)
+                else:
+                    # The host stepped on after its round step: apply the graft as a change.
+                    live.add_(value.to(live.dtype) - snap[name])
+    for p, _, record in results:
+        _SNAPSHOTS.pop(p.host, None)
+        p.committed = r
+        rec = dataclasses.replace(record, round=r, step=r * p.every)
+        if rec.skipped:
+            warnings.warn(
+                f"graft round {r}: units {list(rec.skipped)} of {type(p.host).__name__} hold NaN or "
+                "Inf in the host or a peer and were left as they were",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        p.on_round(rec)
