@@ -2,6 +2,7 @@
 
 from . import adapters as adapters
 from . import functional as functional
+from . import models as models  # registers the CIFAR networks with timm
 from .diagnostics import InvalidFilters as InvalidFilters
 from .diagnostics import RoundRecord as RoundRecord
 from .diagnostics import invalid_filters as invalid_filters
@@ -23,5 +24,6 @@ __all__ = [
     "adapters",
     "functional",
     "invalid_filters",
+    "models",
     "ring",
 ]

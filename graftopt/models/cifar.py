@@ -11,7 +11,7 @@ every convolution (and nothing else) has ``conv`` in its parameter names.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ MOBILENETV2_CIFAR_CFG: tuple[tuple[int, int, int, int], ...] = (
 
 
 class OptionAShortcut(nn.Module):
-    """Parameter-free shortcut: strided subsampling and zero channel padding (He et al., option A)."""
+    """Parameter-free shortcut (He et al., option A): strided subsampling, zero channel padding."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int) -> None:
         super().__init__()
@@ -69,7 +69,7 @@ class OptionAShortcut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
-            # Slicing from 0 yields ceil(H / stride) rows, matching the padded 3x3 conv for odd sizes.
+            # Slicing from 0 keeps ceil(H / stride) rows, like the padded 3x3 conv on odd sizes.
             x = x[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, self.pad_front, self.pad_back))
 
@@ -170,9 +170,7 @@ class CifarResNet(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, str]:
         """Regexes grouping parameters into stem and blocks (used by timm's layer decay)."""
-        return dict(
-            stem=r"^conv1|^bn1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"
-        )
+        return dict(stem=r"^conv1|^bn1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -373,17 +371,20 @@ class CifarMobileNetV2(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
+
 def _create(
-    model_cls: Callable[..., nn.Module],
+    model_cls: type[_M],
     variant: str,
     pretrained: bool,
     num_feature_levels: int,
     flatten_sequential: bool,
     **kwargs: Any,
-) -> nn.Module:
+) -> _M:
     if pretrained:
-        # The registry carries no url / hf_hub_id, and timm would merely warn and fall back to
-        # random init; fail loudly instead unless the caller supplied local weights.
+        # The cfgs carry no url / hf_hub_id, so timm would merely warn and keep the random init;
+        # fail loudly instead unless the caller supplied local weights.
         cfg = resolve_pretrained_cfg(
             variant,
             pretrained_cfg=kwargs.get("pretrained_cfg"),
@@ -407,7 +408,6 @@ def _create(
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
-        "url": "",
         "num_classes": 10,
         "input_size": (3, 32, 32),
         "crop_pct": 1.0,
@@ -440,7 +440,7 @@ def _register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
-def _resnet(variant: str, depth: int, pretrained: bool, **kwargs: Any) -> nn.Module:
+def _resnet(variant: str, depth: int, pretrained: bool, **kwargs: Any) -> CifarResNet:
     return _create(CifarResNet, variant, pretrained, 4, False, depth=depth, **kwargs)
 
 
