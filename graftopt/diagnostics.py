@@ -49,7 +49,9 @@ class RoundRecord:
     def unit_alphas(self) -> dict[str, float]:
         """Per unit, its alpha averaged over peers and filters (one host sync)."""
         means = torch.segment_reduce(
-            self.alphas.float().mean(0), "mean", lengths=torch.tensor(self.slots, device=self.alphas.device)
+            self.alphas.float().mean(0),
+            "mean",
+            lengths=torch.tensor(self.slots, device=self.alphas.device),
         )
         return dict(zip(self.units, means.tolist(), strict=True))
 
@@ -87,7 +89,9 @@ def invalid_filters(model: nn.Module, threshold: float = 0.1) -> InvalidFilters:
     """
     layers: dict[str, tuple[int, int]] = {}
     for name, m in unwrap(model).named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.lazy.LazyModuleMixin):
+        if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(
+            m, nn.modules.lazy.LazyModuleMixin
+        ):
             w = m.weight.transpose(0, 1) if m.transposed else m.weight
             norms = w.detach().float().reshape(w.shape[0], -1).abs().sum(1)
             layers[name] = (int((norms < threshold).sum()), w.shape[0])

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import gc
-import weakref
 import warnings
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .adapters import Adapter, get_adapter, unwrap
+from .adapters import Adapter, Unit, get_adapter, unwrap
 from .diagnostics import RoundRecord
 from .peers import ModulePeers, PeerSource
 from .rounds import Grafter, GraftSettings, Participant
@@ -94,7 +93,8 @@ class GraftOptimizer(Optimizer):
 
     Example::
 
-        opt = GraftOptimizer(SGD(model.parameters(), lr=0.1, momentum=0.9), peers=[m1, m2], every=390)
+        inner = SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = GraftOptimizer(inner, peers=[m1, m2], every=390)
         for x, y in loader:
             opt.zero_grad()
             loss_fn(model(x), y).backward()
@@ -127,7 +127,9 @@ class GraftOptimizer(Optimizer):
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._patch_step_function()
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if history < 0:
@@ -188,7 +190,7 @@ class GraftOptimizer(Optimizer):
     def __repr__(self) -> str:
         s = self.settings
         return (
-            f"GraftOptimizer(every={self.every}, peers={self._participant.grafter.peers.num_peers}, "
+            f"GraftOptimizer(every={self.every}, peers={self.peers.num_peers}, "
             f"A={s.A}, c={s.c}, bins={s.bins}, level={s.level!r}, criterion={s.criterion!r}, "
             f"adapter={self.adapter!r},\n  {self.optimizer!r})"
         )
@@ -206,7 +208,12 @@ class GraftOptimizer(Optimizer):
         return self._participant.grafter.settings
 
     @property
-    def units(self) -> list:
+    def peers(self) -> PeerSource:
+        """Where the peers' weights come from."""
+        return self._participant.grafter.peers
+
+    @property
+    def units(self) -> list[Unit]:
         """The host's units, as the adapter gave them."""
         return list(self._participant.grafter.units)
 
@@ -250,7 +257,13 @@ class GraftOptimizer(Optimizer):
                 "arrived": p.arrived,
                 "committed": p.committed,
                 "every": self.every,
-                "settings": {"A": s.A, "c": s.c, "bins": s.bins, "level": s.level, "criterion": s.criterion},
+                "settings": {
+                    "A": s.A,
+                    "c": s.c,
+                    "bins": s.bins,
+                    "level": s.level,
+                    "criterion": s.criterion,
+                },
             },
         }
 
@@ -273,7 +286,9 @@ class GraftOptimizer(Optimizer):
         graft = state_dict["graft"]
         saved = graft.get("settings", {})
         current = self.state_dict()["graft"]["settings"]
-        changed = {k: (saved[k], current[k]) for k in saved if k in current and saved[k] != current[k]}
+        changed = {
+            k: (saved[k], current[k]) for k in saved if k in current and saved[k] != current[k]
+        }
         if graft.get("every", self.every) != self.every:
             changed["every"] = (graft["every"], self.every)
         if changed:

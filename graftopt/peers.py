@@ -25,7 +25,9 @@ def read_tensors(module: nn.Module, names: Sequence[str]) -> list[Tensor]:
     return [table[n] for n in names]
 
 
-def check_alignment(host: nn.Module, units: Sequence[Unit], peer: nn.Module, adapter: Adapter, who: str) -> None:
+def check_alignment(
+    host: nn.Module, units: Sequence[Unit], peer: nn.Module, adapter: Adapter, who: str
+) -> None:
     """Raise a ValueError naming the first unit or tensor where ``peer`` differs from ``host``."""
     peer_units = adapter.units(peer)
     if len(peer_units) != len(units):
@@ -92,7 +94,9 @@ class ModulePeers(PeerSource):
     def bind(self, host: nn.Module, units: Sequence[Unit], adapter: Adapter) -> None:
         for i, p in enumerate(self._peers):
             if p is host:
-                raise ValueError(f"peer {i} is the host model itself; a model cannot graft from itself")
+                raise ValueError(
+                    f"peer {i} is the host model itself; a model cannot graft from itself"
+                )
             check_alignment(host, units, p, adapter, f"peer {i} ({type(p).__name__})")
 
     def fetch(self, names: Sequence[str]) -> list[list[Tensor]]:

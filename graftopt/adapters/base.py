@@ -36,7 +36,9 @@ class Unit:
         if not self.axes:
             object.__setattr__(self, "axes", (0,) * len(self.members))
         if len(self.axes) != len(self.members):
-            raise ValueError(f"unit {self.name!r}: {len(self.members)} members but {len(self.axes)} axes")
+            raise ValueError(
+                f"unit {self.name!r}: {len(self.members)} members but {len(self.axes)} axes"
+            )
         missing = [s for s in self.scored if s not in self.members]
         if missing:
             raise ValueError(f"unit {self.name!r}: scored tensors {missing} are not members")
