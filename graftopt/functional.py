@@ -11,6 +11,11 @@ without stalls.
 
 where :math:`p_k` is the share of values in bin :math:`k` of :math:`n` equal-width bins over
 ``[min W, max W]``; the maximum falls into the last bin, as with :func:`torch.histc`.
+
+Fast paths: :func:`entropies` and :func:`segment_entropy` histogram every segment in one call
+(C kernels on CPU, Triton on CUDA, pure torch elsewhere), and :func:`mix_many` blends many
+tensors at once (a C kernel on CPU, ``torch._foreach_*`` ops elsewhere). Each gives the result of
+the straightforward per-tensor code: the same bins, and blends within float rounding.
 """
 
 from __future__ import annotations
@@ -23,26 +28,19 @@ from torch import Tensor
 
 __all__ = [
     "bn_alpha",
+    "entropies",
     "entropy",
     "graft_alpha",
     "l1_score",
     "mix",
+    "mix_many",
     "row_entropy",
     "segment_entropy",
 ]
 
 
-def segment_entropy(values: Tensor, lengths: Sequence[int], *, bins: int = 10) -> Tensor:
-    """Entropy of each contiguous segment of a flat tensor, all segments at once.
-
-    Args:
-        values: 1-d tensor; scored in float32 whatever its dtype.
-        lengths: length of each segment, in order; they must add up to ``values.numel()``.
-        bins: number of equal-width bins over each segment's ``[min, max]`` (default 10).
-
-    Returns:
-        float32 tensor of shape ``(len(lengths),)``; a constant segment scores 0.
-    """
+def _segment_entropy_torch(values: Tensor, lengths: Sequence[int], bins: int) -> Tensor:
+    """The straightforward batched form: a segment id per value, scatter min/max, index_add."""
     n = len(lengths)
     device = values.device
     x = values.reshape(-1).float()
@@ -57,8 +55,80 @@ def segment_entropy(values: Tensor, lengths: Sequence[int], *, bins: int = 10) -
     counts = torch.zeros(n * bins, device=device).index_add_(
         0, seg * bins + idx, torch.ones_like(x)
     )
-    p = counts.view(n, bins) / sizes.unsqueeze(1).float()
+    return _entropy_of_counts(counts.view(n, bins), sizes)
+
+
+def _entropy_of_counts(counts: Tensor, sizes: Tensor) -> Tensor:
+    p = counts.float() / sizes.to(device=counts.device, dtype=torch.float32).unsqueeze(1)
     return -torch.special.xlogy(p, p).sum(dim=1)
+
+
+def _c_kernels():
+    """The CPU kernels, or None (no compiler, or switched off by ``GRAFTOPT_NO_CKERNEL=1``)."""
+    from .kernels import cpu
+
+    return cpu if cpu.available() else None
+
+
+def _triton_kernels():
+    from .kernels import triton as tk
+
+    return tk if tk.available() else None
+
+
+def segment_entropy(values: Tensor, lengths: Sequence[int], *, bins: int = 10) -> Tensor:
+    """Entropy of each contiguous segment of a flat tensor, all segments at once.
+
+    Args:
+        values: 1-d tensor; scored in float32 whatever its dtype.
+        lengths: length of each segment, in order; they must add up to ``values.numel()``.
+        bins: number of equal-width bins over each segment's ``[min, max]`` (default 10).
+
+    Returns:
+        float32 tensor of shape ``(len(lengths),)``; a constant segment scores 0.
+    """
+    x = values.reshape(-1)
+    sizes = torch.tensor(list(lengths), dtype=torch.long)
+    if x.device.type == "cpu" and (ck := _c_kernels()) is not None:
+        x = x.contiguous() if x.dtype in ck.DTYPES else x.float().contiguous()
+        parts = torch.split(x, list(lengths))
+        counts, _ = ck.segment_histogram(parts, [1] * len(parts), bins=bins)
+        return _entropy_of_counts(counts, sizes)
+    if x.is_cuda and (tk := _triton_kernels()) is not None:
+        return _entropy_of_counts(tk.segment_histogram(x, lengths, bins=bins), sizes)
+    return _segment_entropy_torch(x, lengths, bins)
+
+
+def entropies(
+    tensors: Sequence[Tensor], *, rows: Sequence[int] | None = None, bins: int = 10
+) -> Tensor:
+    """Entropy of many tensors at once, or of each slice of their first dimension.
+
+    Args:
+        tensors: tensors of one device, any floating dtype and memory format.
+        rows: per tensor, 1 for one score of the whole tensor, or ``t.shape[0]`` for one score per
+            slice ``t[j]`` (per filter); default all 1.
+        bins: number of equal-width bins (default 10).
+
+    Returns:
+        float32 ``(sum(rows),)``: the scores in order, as :func:`segment_entropy` gives them.
+    """
+    rows = [1] * len(tensors) if rows is None else list(rows)
+    if not tensors:
+        return torch.zeros(0)
+    lengths = [t.numel() // r if r else 0 for t, r in zip(tensors, rows, strict=True)]
+    sizes = [n for n, r in zip(lengths, rows, strict=True) for _ in range(r)]
+    device = tensors[0].device
+    if device.type == "cpu" and (ck := _c_kernels()) is not None:
+        # Dense tensors go in as they lie in memory: the order of values inside a row does not
+        # change its histogram, and dim 0 is outermost for contiguous and channels_last alike.
+        srcs = [
+            t if t.dtype in ck.DTYPES and ck.dense(t) else t.float().contiguous() for t in tensors
+        ]
+        counts, _ = ck.segment_histogram(srcs, rows, bins=bins)
+        return _entropy_of_counts(counts, torch.tensor(sizes, dtype=torch.long))
+    flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
+    return segment_entropy(flat, sizes, bins=bins)
 
 
 def entropy(tensor: Tensor, *, bins: int = 10) -> Tensor:
@@ -77,19 +147,26 @@ def l1_score(rows: Tensor) -> Tensor:
     return rows.float().abs().mean(dim=1)
 
 
-def graft_alpha(score_host: Tensor, score_peer: Tensor, *, A: float = 0.4, c: float = 500.0) -> Tensor:
-    """The host's share: ``0.5 + A/pi * arctan(c * (score_host - score_peer))``, in (0.5-A/2, 0.5+A/2)."""
+def graft_alpha(
+    score_host: Tensor, score_peer: Tensor, *, A: float = 0.4, c: float = 500.0
+) -> Tensor:
+    """The host's share ``0.5 + A/pi * arctan(c * (score_host - score_peer))``.
+
+    It lies in ``(0.5 - A/2, 0.5 + A/2)``.
+    """
     return 0.5 + (A / math.pi) * torch.atan(c * (score_host.float() - score_peer.float()))
 
 
 def bn_alpha(gamma_host: Tensor, gamma_peer: Tensor) -> Tensor:
-    """Per-channel share from normalization scales, ``|g_h| / (|g_h| + |g_p|)``; 0.5 where both are 0."""
+    """Per-channel share from norm scales, ``|g_h| / (|g_h| + |g_p|)``; 0.5 where both are 0."""
     gh, gp = gamma_host.float().abs(), gamma_peer.float().abs()
     total = gh + gp
     return torch.where(total > 0, gh / torch.where(total > 0, total, 1.0), 0.5)
 
 
-def mix(host: Tensor, peers: Sequence[Tensor], alphas: Sequence[Tensor], *, axis: int | None = None) -> Tensor:
+def mix(
+    host: Tensor, peers: Sequence[Tensor], alphas: Sequence[Tensor], *, axis: int | None = None
+) -> Tensor:
     """Blend ``host`` with its peers into a new tensor of the host's dtype and memory format.
 
     Args:
@@ -121,3 +198,119 @@ def mix(host: Tensor, peers: Sequence[Tensor], alphas: Sequence[Tensor], *, axis
     out = torch.empty_like(host)
     out.copy_(total)
     return out
+
+
+def _dense(t: Tensor) -> bool:
+    if t.is_contiguous():
+        return True
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return fmt is not None and t.is_contiguous(memory_format=fmt)
+
+
+def _alpha_view(alphas: Tensor, column: int, axis: int | None, host: Tensor) -> Tensor:
+    """``(m, ...)`` alphas of one tensor, shaped to broadcast against ``(m, *host.shape)``."""
+    if axis is None:
+        return alphas[:, column].reshape([-1] + [1] * host.dim())
+    n = host.shape[axis]
+    shape = [1] * (host.dim() + 1)
+    shape[0], shape[axis + 1] = -1, n
+    return alphas[:, column : column + n].reshape(shape)
+
+
+def mix_many(
+    hosts: Sequence[Tensor],
+    peers: Sequence[Sequence[Tensor]],
+    alphas: Tensor,
+    columns: Sequence[int],
+    axes: Sequence[int | None],
+    *,
+    out: Sequence[Tensor | None] | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """:func:`mix` for many tensors at once, and whether each input was finite.
+
+    Args:
+        hosts: the host's tensors.
+        peers: per peer, tensors matching ``hosts``.
+        alphas: float32 ``(m, K)``, the host's share against each of the ``m`` peers.
+        columns: per tensor, its column in ``alphas`` (the first one when ``axes`` gives an axis).
+        axes: per tensor, ``None`` for one alpha per peer (``alphas[:, c]``), or the axis along
+            which slice ``i`` takes ``alphas[:, c + i]``.
+        out: optional destinations (of the hosts' shape, dtype and strides) to write into, so a
+            caller can reuse them round after round; ``None`` entries are allocated.
+
+    Returns:
+        ``(blended, finite)``: the new tensors, and a bool ``(T,)`` tensor on the hosts' device,
+        False where the host's or a peer's tensor holds a NaN or Inf (that blend is then garbage).
+
+    On CPU, same-dtype float32/float64 tensors of one layout go through one C kernel that gives
+    :func:`mix`'s result bit for bit; on other devices the blend runs as ``torch._foreach_*`` ops
+    (equal to :func:`mix` within float rounding); anything else (mixed dtypes or devices, half
+    precision, filter axes other than the outermost) falls back to :func:`mix` per tensor.
+    """
+    T = len(hosts)
+    m = len(peers)
+    if m == 0:
+        raise ValueError("mix_many() needs at least one peer")
+    out = [None] * T if out is None else list(out)
+    result: list[Tensor | None] = [None] * T
+    finite: list[Tensor | None] = [None] * T
+    alphas = alphas.float()
+    ck = _c_kernels() if T and hosts[0].device.type == "cpu" else None
+
+    def same(i: int) -> bool:
+        h = hosts[i]
+        return all(
+            p[i].dtype == h.dtype and p[i].device == h.device and p[i].stride() == h.stride()
+            and p[i].shape == h.shape for p in peers
+        )  # fmt: skip
+
+    fast, generic = [], []
+    for i, h in enumerate(hosts):
+        if h.dtype in (torch.float16, torch.bfloat16) or not same(i):
+            continue
+        if (
+            ck is not None
+            and h.dtype in (torch.float32, torch.float64)
+            and _dense(h)
+            and axes[i] in (None, 0)
+        ):
+            fast.append(i)
+        elif h.device.type != "cpu" or ck is None:
+            generic.append(i)
+    if fast:
+        for dtype in (torch.float32, torch.float64):
+            idx = [i for i in fast if hosts[i].dtype == dtype]
+            if not idx:
+                continue
+            dst = [out[i] if out[i] is not None else torch.empty_like(hosts[i]) for i in idx]
+            ok = ck.mix_into(
+                dst, [hosts[i] for i in idx], [[p[i] for i in idx] for p in peers], alphas,
+                [columns[i] for i in idx],
+                [0 if axes[i] is None or not hosts[i].dim() else hosts[i][0].numel() for i in idx],
+            )  # fmt: skip
+            for k, i in enumerate(idx):
+                result[i], finite[i] = dst[k], ok[k]
+    if generic:
+        hs = [hosts[i] for i in generic]
+        views = [_alpha_view(alphas, columns[i], axes[i], hosts[i]).to(hosts[i]) for i in generic]
+        # (1/m) sum_j (a_j h + (1 - a_j) p_j) = mean_j(a_j) h + sum_j ((1 - a_j) / m) p_j
+        acc = torch._foreach_mul(hs, [v.mean(0) for v in views])
+        for j, p in enumerate(peers):
+            torch._foreach_addcmul_(acc, [p[i] for i in generic], [(1 - v[j]) / m for v in views])
+        norms = torch._foreach_norm(hs + [p[i] for p in peers for i in generic], math.inf)
+        ok = torch.stack(norms).isfinite().view(m + 1, len(generic)).all(0)
+        for k, i in enumerate(generic):
+            if out[i] is not None:
+                out[i].copy_(acc[k])
+                acc[k] = out[i]
+            result[i], finite[i] = acc[k], ok[k]
+    for i in range(T):
+        if result[i] is None:
+            h = hosts[i]
+            ax = axes[i]
+            a = _alpha_view(alphas, columns[i], ax, h)
+            per_peer = [a[j].reshape(-1) if ax is not None else a[j].reshape(()) for j in range(m)]
+            result[i] = mix(h, [p[i] for p in peers], per_peer, axis=ax)
+            checks = [torch.isfinite(t).all() for t in (h, *(p[i].to(h.device) for p in peers))]
+            finite[i] = torch.stack(checks).all()
+    return result, torch.stack([f.to(hosts[0].device) for f in finite])  # type: ignore[misc]

@@ -5,10 +5,14 @@ from __future__ import annotations
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from .adapters.base import Adapter, Unit, tensor_table, unwrap
+
+if TYPE_CHECKING:
+    from .rounds import GraftSettings
 
 __all__ = ["ModulePeers", "PeerSource", "check_alignment", "read_tensors"]
 
@@ -65,6 +69,11 @@ class PeerSource(ABC):
         """Per peer, the tensors called ``names``, as they were at the round's step.
 
         The host never writes what this returns.
+        """
+
+    def begin_round(self, round_index: int, settings: GraftSettings, every: int) -> None:  # noqa: B027
+        """Called before each round's :meth:`fetch` with the round's index (1 for the first),
+        settings and period; sources in other processes check them with their peers.
         """
 
     def modules(self) -> list[nn.Module]:

@@ -24,7 +24,7 @@ from .adapters.base import Unit, tensor_table
 from .diagnostics import RoundRecord
 from .peers import _SNAPSHOTS, PeerSource, read_tensors
 
-__all__ = ["GraftSettings", "Grafter", "Participant"]
+__all__ = ["Blend", "GraftSettings", "Grafter", "Participant"]
 
 LEVELS = ("layer", "filter")
 CRITERIA = ("entropy", "l1", "bn")
@@ -64,8 +64,34 @@ def _rows(tensors: Sequence[Tensor], axes: Sequence[int | None]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+@dataclass
+class Blend:
+    """A computed, not yet written, round of one host (see :meth:`Grafter.blend`).
+
+    Attributes:
+        values: per tensor, its blended value (buffers the grafter reuses next round).
+        unit_ok: bool ``(units,)`` on the weights' device: False for a unit holding NaN or Inf in
+            the host or a peer; such a unit is left as it was when the blend is written.
+        record: the round's record, with ``skipped`` still empty.
+    """
+
+    values: list[Tensor]
+    unit_ok: Tensor
+    record: RoundRecord
+
+
+def _fits(buffer: Tensor, t: Tensor) -> bool:
+    """Whether a kept blend buffer can take ``t``'s blend."""
+    same = buffer.shape == t.shape and buffer.stride() == t.stride()
+    return same and buffer.dtype == t.dtype and buffer.device == t.device
+
+
 class Grafter:
     """Blends one host with its peers, unit by unit.
+
+    A round scores every unit of the host and of each peer in one batched call, computes all
+    alphas as one tensor and blends every tensor through :func:`graftopt.functional.mix_many`;
+    nothing in it waits for the device.
 
     Args:
         host: the unwrapped host model.
@@ -74,7 +100,9 @@ class Grafter:
         settings: the round's hyper-parameters.
     """
 
-    def __init__(self, host: nn.Module, units: Sequence[Unit], peers: PeerSource, settings: GraftSettings) -> None:
+    def __init__(
+        self, host: nn.Module, units: Sequence[Unit], peers: PeerSource, settings: GraftSettings
+    ) -> None:
         if not units:
             raise ValueError(f"{type(host).__name__} has no graft units (no conv or linear layers)")
         self.host = host
@@ -87,14 +115,21 @@ class Grafter:
         if missing:
             raise ValueError(f"the adapter named tensors the host does not have: {missing[:5]}")
         self._index = {n: i for i, n in enumerate(self.names)}
+        self._unit_of = torch.tensor([k for k, u in enumerate(self.units) for _ in u.members])
+        # Blend destinations, reused from round to round: the one copy simultaneity needs,
+        # without fresh allocations (page faults on CPU) each round.
+        self._out: list[Tensor | None] = [None] * len(self.names)
 
     def live(self) -> list[Tensor]:
         """The host's unit tensors themselves (the ones a round writes)."""
         table = tensor_table(self.host)
         return [table[n] for n in self.names]
 
-    def _scores(self, tensors: Sequence[Tensor], level: str, criterion: str) -> tuple[Tensor, list[int]]:
-        s = self.settings
+    def _scores(
+        self, tensors: Sequence[Tensor], level: str, criterion: str
+    ) -> tuple[Tensor, list[int]]:
+        if criterion == "entropy":
+            return self._entropy_scores(tensors, level)
         rows = []
         for u in self.units:
             idx = [self._index[n] for n in u.scored]
@@ -103,16 +138,50 @@ class Grafter:
         slots = [r.shape[0] for r in rows]
         flat = torch.cat([r.reshape(-1) for r in rows])
         sizes = [r.shape[1] for r in rows for _ in range(r.shape[0])]
-        if criterion == "l1":
-            lengths = torch.tensor(sizes, device=flat.device)
-            return torch.segment_reduce(flat.abs(), "mean", lengths=lengths), slots
-        return F.segment_entropy(flat, sizes, bins=s.bins), slots
+        lengths = torch.tensor(sizes, device=flat.device)
+        return torch.segment_reduce(flat.abs(), "mean", lengths=lengths), slots
 
-    def _alphas(self, host: Sequence[Tensor], peers: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    def _entropy_scores(self, tensors: Sequence[Tensor], level: str) -> tuple[Tensor, list[int]]:
+        """Every unit's entropy (per filter at filter level) in one batched call."""
+        sources, rows = [], []
+        for u in self.units:
+            scored = [tensors[self._index[n]].detach() for n in u.scored]
+            ax = u.axis_of(u.scored[0]) or 0
+            if len(scored) == 1 and (level == "layer" or ax == 0):
+                t = scored[0]  # scored where it lies, whatever its layout
+            else:
+                t = _rows(scored, [u.axis_of(n) for n in u.scored])  # (filters, values)
+            sources.append(t)
+            rows.append(1 if level == "layer" or t.dim() == 0 else t.shape[0])
+        return F.entropies(sources, rows=rows, bins=self.settings.bins), rows
+
+    def _cached_scores(
+        self, tensors: Sequence[Tensor], cache: dict | None
+    ) -> tuple[Tensor, list[int]]:
         s = self.settings
         criterion = "entropy" if s.criterion == "bn" else s.criterion
-        h_scores, slots = self._scores(host, s.level, criterion)
-        p_scores = torch.stack([self._scores(p, s.level, criterion)[0].to(h_scores.device) for p in peers])
+        if cache is None:
+            return self._scores(tensors, s.level, criterion)
+        # Within one commit no tensor changes, so a model scored as a host is not scored again
+        # as another host's peer.
+        key = (
+            s.level,
+            criterion,
+            s.bins,
+            *((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors),
+        )
+        if key not in cache:
+            cache[key] = self._scores(tensors, s.level, criterion)
+        return cache[key]
+
+    def _alphas(
+        self, host: Sequence[Tensor], peers: Sequence[Sequence[Tensor]], cache: dict | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        s = self.settings
+        h_scores, slots = self._cached_scores(host, cache)
+        p_scores = torch.stack(
+            [self._cached_scores(p, cache)[0].to(h_scores.device) for p in peers]
+        )
         alphas = F.graft_alpha(h_scores.unsqueeze(0), p_scores, A=s.A, c=s.c)
         if s.criterion == "bn":
             # Units without a norm scale keep the filter-level entropy alpha.
@@ -124,47 +193,118 @@ class Grafter:
                 else:
                     g = host[self._index[u.gamma]]
                     cols.append(
-                        torch.stack([F.bn_alpha(g, p[self._index[u.gamma]].to(g.device)) for p in peers])
+                        torch.stack(
+                            [F.bn_alpha(g, p[self._index[u.gamma]].to(g.device)) for p in peers]
+                        )
                     )
                 start += n
             alphas = torch.cat(cols, dim=1)
         return h_scores, p_scores, alphas, slots
 
+    def _columns(
+        self, host: Sequence[Tensor], slots: Sequence[int]
+    ) -> tuple[list[int], list[int | None]]:
+        """Per tensor, its column in the alpha table and its filter axis (None: one alpha)."""
+        starts = list(itertools.accumulate(slots, initial=0))
+        total = starts[-1]
+        columns: list[int] = []
+        axes: list[int | None] = []
+        for k, (u, n) in enumerate(zip(self.units, slots, strict=True)):
+            for name, axis in zip(u.members, u.axes, strict=True):
+                t = host[self._index[name]]
+                if self.settings.level == "layer":
+                    columns.append(k)
+                    axes.append(None)
+                elif axis is None or t.dim() == 0 or t.shape[axis] != n:
+                    columns.append(total + k)  # the unit's mean filter alpha
+                    axes.append(None)
+                else:
+                    columns.append(starts[k])
+                    axes.append(axis)
+        return columns, axes
+
     @torch.no_grad()
-    def compute(self, host: Sequence[Tensor], peers: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor | None], RoundRecord]:
+    def blend(
+        self,
+        host: Sequence[Tensor],
+        peers: Sequence[Sequence[Tensor]],
+        *,
+        cache: dict | None = None,
+    ) -> Blend:
+        """Blend without writing and without waiting for the device.
+
+        ``cache`` (one dict per commit) shares the scores of a model between the hosts that
+        read it in one round. The values are valid until the next call.
+        """
+        h_scores, p_scores, alphas, slots = self._alphas(host, peers, cache)
+        table = alphas
+        if self.settings.level == "filter":
+            lengths = torch.tensor(slots, device=alphas.device)
+            means = torch.segment_reduce(alphas.t().contiguous(), "mean", lengths=lengths).t()
+            table = torch.cat([alphas, means], dim=1)
+        columns, axes = self._columns(host, slots)
+        out = [
+            o if o is not None and _fits(o, h) else None
+            for o, h in zip(self._out, host, strict=True)
+        ]
+        values, finite = F.mix_many(host, peers, table, columns, axes, out=out)
+        self._out = list(values)
+        unit_of = self._unit_of.to(finite.device)
+        unit_ok = torch.ones(len(self.units), dtype=torch.bool, device=finite.device)
+        unit_ok = unit_ok.scatter_reduce(0, unit_of, finite, "amin")
+        record = RoundRecord(
+            0, 0, tuple(u.name for u in self.units), tuple(slots), h_scores, p_scores, alphas
+        )
+        return Blend(values, unit_ok, record)
+
+    def skipped(self, blend: Blend) -> tuple[str, ...]:
+        """Names of the units left as they were (reads ``unit_ok``: the round's one host sync)."""
+        return tuple(
+            u.name for u, ok in zip(self.units, blend.unit_ok.tolist(), strict=True) if not ok
+        )
+
+    @torch.no_grad()
+    def write(self, blend: Blend, snapshot: dict[str, Tensor] | None = None) -> None:
+        """Write a blend into the host, leaving units with NaN or Inf as they were.
+
+        ``snapshot``: the host's weights at its round step when it has stepped on since; the
+        graft is then applied as a change.
+        """
+        live = self.live()
+        ok = blend.unit_ok[self._unit_of.to(blend.unit_ok.device)]
+        if ok.device.type == "cpu":
+            # On CPU the flags are already in host memory: reading them waits for nothing.
+            keep = [i for i, good in enumerate(ok.tolist()) if good]
+            if snapshot is None:
+                torch._foreach_copy_([live[i] for i in keep], [blend.values[i] for i in keep])
+            else:
+                for i in keep:
+                    live[i].add_(blend.values[i].to(live[i].dtype) - snapshot[self.names[i]])
+            return
+        for i, (t, value, good) in enumerate(zip(live, blend.values, ok.unbind(), strict=True)):
+            new = value.to(t.dtype)
+            if snapshot is not None:
+                new = t + (new - snapshot[self.names[i]])
+            torch.where(good, new, t, out=t)
+
+    @torch.no_grad()
+    def compute(
+        self, host: Sequence[Tensor], peers: Sequence[Sequence[Tensor]]
+    ) -> tuple[list[Tensor | None], RoundRecord]:
         """Blend without writing: per tensor the new value, or None where its unit is skipped.
 
         The returned record has ``round`` and ``step`` set to 0; the caller fills them in.
+        Unlike :meth:`blend`, this reads the skip flags on the host and returns fresh tensors.
         """
-        h_scores, p_scores, alphas, slots = self._alphas(host, peers)
-        finite = []
-        for u in self.units:
-            idx = [self._index[n] for n in u.members]
-            checks = [torch.isfinite(t).all() for i in idx for t in [host[i], *(p[i] for p in peers)]]
-            finite.append(torch.stack([c.to(host[0].device) for c in checks]).all())
-        ok = torch.stack(finite).tolist()  # the round's one host sync: which units to skip
-        out: list[Tensor | None] = [None] * len(self.names)
-        start = 0
-        for u, n, good in zip(self.units, slots, ok, strict=True):
-            a = alphas[:, start : start + n]
-            start += n
-            if not good:
-                continue
-            for name, axis in zip(u.members, u.axes, strict=True):
-                i = self._index[name]
-                if self.settings.level == "layer":
-                    per_peer = [a[j, 0] for j in range(len(peers))]
-                    ax = None
-                elif axis is None or host[i].dim() == 0 or host[i].shape[axis] != n:
-                    per_peer = [a[j].mean() for j in range(len(peers))]
-                    ax = None
-                else:
-                    per_peer = [a[j] for j in range(len(peers))]
-                    ax = axis
-                out[i] = F.mix(host[i], [p[i] for p in peers], per_peer, axis=ax)
-        skipped = tuple(u.name for u, good in zip(self.units, ok, strict=True) if not good)
-        record = RoundRecord(0, 0, tuple(u.name for u in self.units), tuple(slots), h_scores, p_scores, alphas, skipped)
-        return out, record
+        b = self.blend(host, peers)
+        self._out = [None] * len(self.names)  # the caller keeps these values
+        skipped = self.skipped(b)
+        bad = {u.name for u in self.units} & set(skipped)
+        out: list[Tensor | None] = [
+            None if self.units[k].name in bad else v
+            for k, v in zip(self._unit_of.tolist(), b.values, strict=True)
+        ]
+        return out, dataclasses.replace(b.record, skipped=skipped)
 
 
 _REGISTRY: dict[int, weakref.ref[Participant]] = {}
@@ -259,26 +399,20 @@ class Participant:
 def _commit(group: Sequence[Participant], r: int) -> None:
     """Compute every member's blend from pre-round weights, then write them all."""
     results = []
+    cache: dict = {}
     for p in group:
         g = p.grafter
         host = read_tensors(g.host, g.names)
-        new, record = g.compute(host, g.peers.fetch(g.names))
-        results.append((p, new, record))
-    with torch.no_grad():
-        for p, new, _ in results:
-            snap = _SNAPSHOTS.get(p.host)
-            for name, live, value in zip(p.grafter.names, p.grafter.live(), new, strict=True):
-                if value is None:
-                    continue
-                if snap is None:
-                    live.copy_(value)
-                else:
-                    # The host stepped on after its round step: apply the graft as a change.
-                    live.add_(value.to(live.dtype) - snap[name])
-    for p, _, record in results:
+        g.peers.begin_round(r, g.settings, p.every)
+        results.append((p, g.blend(host, g.peers.fetch(g.names), cache=cache)))
+    for p, blend in results:
+        p.grafter.write(blend, _SNAPSHOTS.get(p.host))
+    for p, blend in results:
         _SNAPSHOTS.pop(p.host, None)
         p.committed = r
-        rec = dataclasses.replace(record, round=r, step=r * p.every)
+        rec = dataclasses.replace(
+            blend.record, round=r, step=r * p.every, skipped=p.grafter.skipped(blend)
+        )
         if rec.skipped:
             warnings.warn(
                 f"graft round {r}: units {list(rec.skipped)} of {type(p.host).__name__} hold NaN or "

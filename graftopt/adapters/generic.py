@@ -6,11 +6,17 @@ import torch
 from torch import nn
 
 from .base import Adapter, Unit
+from .flow import Flow
 
 __all__ = ["GenericAdapter", "pair_norms", "unit_for"]
 
 _CONV = nn.modules.conv._ConvNd
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+_NORMS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
 # Norm tensors that ride along with the unit; num_batches_tracked is a counter, not a weight.
 _NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -42,20 +48,15 @@ def _is_layer(module: nn.Module) -> bool:
 
 def _pairs_by_dataflow(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str] | None:
     """Norms whose input is a layer's output, found by torch.fx; None if the model won't trace."""
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, _NORMS)}
+    flow = Flow.trace(model, layers, norms)
+    if flow is None:
         return None
-    modules = dict(model.named_modules())
     pairs: dict[str, str] = {}
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _NORMS):
-            continue
-        src = node.args[0] if node.args else None
-        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or src.target not in layers:
-            continue
-        if src.target not in pairs and _fits(layers[src.target], modules[node.target]):
-            pairs[src.target] = node.target
+    for name, norm in norms.items():
+        src = flow.producer(name) if name in flow.calls else None
+        if src is not None and src not in pairs and _fits(layers[src], norm):
+            pairs[src] = name
     return pairs
 
 

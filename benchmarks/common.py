@@ -1,0 +1,56 @@
+"""Models and rounds shared by the benchmarks."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+import graftopt
+
+from . import reference
+
+
+def make_models(name: str, k: int) -> list[nn.Module]:
+    models = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        models.append(timm.create_model(name, pretrained=False).eval())
+    return models
+
+
+class Round:
+    """One simultaneous graft round of a ring of models, three ways, on the same tensors."""
+
+    def __init__(self, models: list[nn.Module], level: str = "layer") -> None:
+        self.models = models
+        self.level = level
+        self.opts = graftopt.ring(
+            models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1, level=level
+        )
+        self.units = self.opts[0].units
+        tables = [graftopt.adapters.base.tensor_table(m) for m in models]
+        names = [n for u in self.units for n in u.members]
+        self.tables = [{n: t[n].detach() for n in names} for t in tables]
+        self.hosts = [t for tab in self.tables for t in tab.values()]
+        self.peers = [t for i in range(len(models)) for t in self.tables[i - 1].values()]
+
+    def graftopt(self) -> None:
+        for opt in self.opts:
+            opt.step()
+
+    def reference(self) -> None:
+        k = len(self.models)
+        reference.graft_round(
+            self.tables, [self.tables[i - 1] for i in range(k)], self.units, level=self.level
+        )
+
+    def floor(self) -> None:
+        torch._foreach_lerp_(self.hosts, self.peers, 0.5)
+
+    def close(self) -> None:
+        for o in self.opts:
+            o.close()
+
+
+__all__ = ["Round", "make_models"]

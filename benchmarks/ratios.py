@@ -1,0 +1,50 @@
+"""Print the ratio table of a saved pytest-benchmark JSON.
+
+Usage: ``python3 benchmarks/ratios.py results.json``. Ratios use each case's minimum time
+(the least disturbed by other load on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def table(path: str) -> str:
+    with open(path) as f:
+        data = json.load(f)
+    groups: dict[str, dict[str, float]] = defaultdict(dict)
+    for b in data["benchmarks"]:
+        groups[b["group"]][b["extra_info"].get("impl", b["name"])] = b["stats"]["min"] * 1e3
+    machine = data.get("machine_info", {})
+    lines = [
+        f"machine: {machine.get('cpu', {}).get('brand_raw', '?')}, torch threads as configured",
+        "",
+    ]
+    lines += [
+        "| case | reference ms | graftopt ms | floor ms | ref/graftopt | graftopt/floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    other = []
+    for group, t in groups.items():
+        if "graftopt" in t and "floor" in t:
+            ref = t.get("reference")
+            lines.append(f"| {group} | {ref:.1f} | " if ref else f"| {group} | - | ")
+            lines[-1] += f"{t['graftopt']:.1f} | {t['floor']:.1f} | " + (
+                f"{ref / t['graftopt']:.1f}x" if ref else "-"
+            )
+            lines[-1] += f" | {t['graftopt'] / t['floor']:.2f}x |"
+        else:
+            other.append((group, t))
+    for group, t in other:
+        base = min(t.values())
+        lines += ["", f"{group}:"] + [
+            f"  {k}: {v:.1f} ms ({v / base:.2f}x)"
+            for k, v in sorted(t.items(), key=lambda kv: kv[1])
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1]))

@@ -1,0 +1,76 @@
+"""How a round's cost grows: with the number of layers at a fixed size, and with the peers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graftopt
+
+from .common import Round
+
+TOTAL = 4_000_000  # parameters per model, split over the layers
+
+
+class Stack(nn.Module):
+    """``layers`` linear layers holding ``TOTAL`` weights between them (never run forward)."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        side = int((TOTAL // layers) ** 0.5)
+        self.body = nn.Sequential(*(nn.Linear(side, side, bias=False) for _ in range(layers)))
+
+
+def _stacks(layers: int, k: int) -> list[nn.Module]:
+    out = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        out.append(Stack(layers))
+    return out
+
+
+@pytest.mark.parametrize("impl", ["graftopt", "floor"])
+@pytest.mark.parametrize("layers", [10, 100, 1000])
+def test_layers_at_fixed_size(benchmark, layers, impl):
+    r = Round(_stacks(layers, 2), "layer")
+    benchmark.group = "scaling: layers at fixed size (4M params, k=2)"
+    benchmark.extra_info.update(
+        model=f"stack{layers}", k=2, level="layer", impl=impl, layers=layers
+    )
+    try:
+        benchmark.pedantic(getattr(r, impl), rounds=10, warmup_rounds=1)
+    finally:
+        r.close()
+
+
+class AllToAll:
+    """Model 0 grafts from all others (one host, ``m`` peers); the others only supply."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        self.opt = graftopt.GraftOptimizer(
+            torch.optim.SGD(models[0].parameters(), lr=0.0), models[1:], every=1, model=models[0]
+        )
+        names = [n for u in self.opt.units for n in u.members]
+        tables = [graftopt.adapters.base.tensor_table(m) for m in models]
+        self.hosts = [tables[0][n].detach() for n in names]
+        self.peers = [[t[n].detach() for n in names] for t in tables[1:]]
+
+    def graftopt(self) -> None:
+        self.opt.step()
+
+    def floor(self) -> None:
+        for p in self.peers:
+            torch._foreach_lerp_(self.hosts, p, 0.5)
+
+
+@pytest.mark.parametrize("impl", ["graftopt", "floor"])
+@pytest.mark.parametrize("peers", [1, 2, 4, 8])
+def test_peers(benchmark, peers, impl):
+    r = AllToAll(_stacks(100, peers + 1))
+    benchmark.group = "scaling: peers of one host (4M params, 100 layers)"
+    benchmark.extra_info.update(model="stack100", peers=peers, level="layer", impl=impl)
+    try:
+        benchmark.pedantic(getattr(r, impl), rounds=10, warmup_rounds=1)
+    finally:
+        r.opt.close()

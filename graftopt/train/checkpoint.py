@@ -1,0 +1,94 @@
+"""Checkpoints written atomically, and the random state a resumed run needs to replay exactly."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINT",
+    "atomic_write_text",
+    "find_checkpoint",
+    "get_rng_state",
+    "load_checkpoint",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+CHECKPOINT = "checkpoint.pth"
+FORMAT = "graftopt-train/1"
+
+
+def _atomic(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``.
+
+    ``os.replace`` is atomic on POSIX and Windows: a crash leaves either the old file or the
+    new one, never a torn one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    _atomic(Path(path), lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Save ``state`` (tensors, state dicts, plain values) atomically."""
+    _atomic(Path(path), lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def find_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself if it is a file, else the checkpoint inside the run folder ``path``."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p}: give a run folder or a {CHECKPOINT} file")
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (onto the CPU)."""
+    p = find_checkpoint(path)
+    # weights_only stays off: the state holds numpy and Python RNG states, which are not
+    # plain tensors; only load checkpoints you trust (as with any torch.load).
+    state = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{p} is not a graftopt train checkpoint (expected format {FORMAT})")
+    return state
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every global random state the training loop draws from (augmentation, dropout)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

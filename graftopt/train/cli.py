@@ -1,0 +1,240 @@
+"""``graftopt`` console script: ``train``, ``report`` and ``inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from .config import TrainConfig, merge_resumed
+
+__all__ = ["COMMANDS", "build_parser", "config_from_args", "main"]
+
+COMMANDS = ("train", "report", "inspect")
+_D = TrainConfig()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train K grafted peers (and K baselines) and print the comparison table",
+        description="Train K peers with filter grafting, optionally beside K baselines under the "
+        "same recipe (same seeds, same data order per index), with timm's models, optimizers, "
+        "schedulers and data. Default: cifar_resnet20 on Fashion-MNIST, 2 peers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=_D.model, help="timm model name (always pretrained=False)")
+    g.add_argument(
+        "--num-classes", type=_positive_int, default=None, help="taken from the data if not given"
+    )
+    g.add_argument(
+        "--in-chans", type=_positive_int, default=None, help="taken from the data if not given"
+    )
+    g.add_argument(
+        "--img-size", type=_positive_int, default=None, help="taken from the data if not given"
+    )
+    g.add_argument("--mean", type=float, nargs="+", default=None, help="normalization mean")
+    g.add_argument("--std", type=float, nargs="+", default=None, help="normalization std")
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default=_D.dataset,
+        help="torch/fashion_mnist, torch/mnist (IDX files, offline), another timm torch/ name, "
+        "or folder ('' too): DATA_DIR/train/<class>/* and DATA_DIR/val/<class>/*",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="dataset root (default for Fashion-MNIST: "
+        "/usr/share/datasets/fashion-mnist from the dataset-fashion-mnist package)",
+    )
+    g.add_argument(
+        "--dataset-download",
+        action="store_true",
+        help="let torchvision download torch/ datasets it cannot find",
+    )
+    g.add_argument(
+        "--train-subset",
+        type=_positive_int,
+        default=None,
+        help="train on a fixed random subset of this many images",
+    )
+    g.add_argument(
+        "--val-subset",
+        type=_positive_int,
+        default=None,
+        help="evaluate on a fixed random subset of this many images",
+    )
+    g.add_argument("--no-aug", action="store_true", help="no random crop / flip")
+    g.add_argument("-j", "--workers", type=int, default=_D.workers, help="data loader processes")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--epochs", type=_positive_int, default=_D.epochs)
+    g.add_argument("-b", "--batch-size", type=_positive_int, default=_D.batch_size)
+    g.add_argument("--opt", default=_D.opt, help="timm optimizer name")
+    g.add_argument("--lr", type=float, default=_D.lr)
+    g.add_argument("--momentum", type=float, default=_D.momentum)
+    g.add_argument("--weight-decay", type=float, default=_D.weight_decay)
+    g.add_argument("--sched", default=_D.sched, help="timm scheduler name (stepped per iteration)")
+    g.add_argument("--decay-epochs", type=float, default=_D.decay_epochs, help="for --sched step")
+    g.add_argument("--decay-rate", type=float, default=_D.decay_rate, help="for --sched step")
+    g.add_argument("--warmup-epochs", type=int, default=_D.warmup_epochs)
+    g.add_argument("--min-lr", type=float, default=_D.min_lr)
+    g.add_argument("--seed", type=int, default=_D.seed)
+    g = p.add_argument_group("grafting")
+    g.add_argument("--peers", type=int, default=_D.peers, help="K grafted networks, in a ring")
+    g.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also train K networks without grafting under the identical recipe",
+    )
+    g.add_argument(
+        "--graft-every",
+        type=_positive_int,
+        default=None,
+        help="optimizer steps between graft rounds (default: one epoch)",
+    )
+    g.add_argument("--graft-A", type=float, default=_D.graft_A)
+    g.add_argument("--graft-c", type=float, default=_D.graft_c)
+    g.add_argument("--graft-bins", type=_positive_int, default=_D.graft_bins)
+    g.add_argument("--graft-level", choices=("layer", "filter"), default=_D.graft_level)
+    g.add_argument("--graft-criterion", choices=("entropy", "l1", "bn"), default=_D.graft_criterion)
+    g.add_argument(
+        "--diverse-lr",
+        action="store_true",
+        help="network i of K starts at lr*(1+cos(pi*(K-i)/K))/2 (the paper's dlr)",
+    )
+    g.add_argument(
+        "--same-data-order",
+        action="store_true",
+        help="every peer sees the batches in the same order (default: one order per peer)",
+    )
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default=_D.device, help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    g.add_argument("--channels-last", action="store_true")
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default=None, help="run folder (default: output/train/<time>-...)")
+    g.add_argument("--resume", default=None, help="run folder or checkpoint.pth to continue")
+    g.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        default=None,
+        help="stop after this many epochs (continue later with --resume)",
+    )
+    g.add_argument(
+        "--log-interval",
+        type=_positive_int,
+        default=_D.log_interval,
+        help="batches between plain progress lines",
+    )
+    g.add_argument(
+        "--progress",
+        choices=("auto", "bar", "plain"),
+        default=_D.progress,
+        help="bars on a terminal, plain lines otherwise",
+    )
+    g.add_argument("--no-report", action="store_true", help="do not write the plots at the end")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graftopt", description="Filter grafting: training runs, reports and diagnostics."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,inspect}")
+    _add_train(sub)
+    r = sub.add_parser("report", help="write PNG plots and print the table of a run folder")
+    r.add_argument("run", help="a run folder written by graftopt train")
+    r.add_argument("--out", default=None, help="where the PNGs go (default: RUN/plots)")
+    i = sub.add_parser("inspect", help="per-layer entropy and invalid filters of a checkpoint")
+    i.add_argument("path", help="a run folder, a graftopt checkpoint, or a model state dict file")
+    i.add_argument("--network", default=None, help="only this network of a run (e.g. grafted0)")
+    i.add_argument("--bins", type=_positive_int, default=10, help="entropy bins")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    for key in ("mean", "std"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
+    return TrainConfig(**values)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .checkpoint import find_checkpoint, load_checkpoint
+    from .loop import train
+
+    cfg = config_from_args(args)
+    state = None
+    if cfg.resume is not None:
+        state = load_checkpoint(cfg.resume)
+        given_output = cfg.output
+        cfg = merge_resumed(state["config"], cfg)
+        cfg.output = given_output or str(find_checkpoint(cfg.resume).parent)
+    result = train(cfg, resume_state=state)
+    if not result.complete:
+        print(
+            f"stopped after epoch {result.epochs_done} of {cfg.epochs}; continue with "
+            f"graftopt train --resume {result.output}"
+        )
+        return 0
+    print()
+    print(result.table, end="")
+    print(f"\nmetrics: {result.output / 'metrics.csv'}  table: {result.output / 'summary.md'}")
+    if not args.no_report:
+        from .report import MissingMatplotlib, write_plots
+
+        try:
+            for path in write_plots(result.output):
+                print(f"plot: {path}")
+        except MissingMatplotlib as e:
+            print(f"no plots: {e}", file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    print(report(args.run, args.out), end="")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_path
+
+    print(inspect_path(args.path, network=args.network, bins=args.bins), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``graftopt`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"train": _train, "report": _report, "inspect": _inspect}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        # Users get the message, not a traceback; the same errors are raised as exceptions
+        # by the Python API (graftopt.train.loop.train and friends).
+        print(f"graftopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ngraftopt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The recipe of a training run: one dataclass, validated, saved with every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["RESUME_OVERRIDES", "TrainConfig", "diverse_lr", "merge_resumed"]
+
+# Settings a resumed run may change without changing its numbers.
+RESUME_OVERRIDES = frozenset(
+    {"output", "resume", "workers", "progress", "log_interval", "stop_after"}
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of ``graftopt train``; field names follow timm's ``train.py`` flags.
+
+    ``None`` means "take it from the data or the model" (classes, channels, image size,
+    normalization) or "one epoch" (``graft_every``).
+    """
+
+    # model
+    model: str = "cifar_resnet20"
+    num_classes: int | None = None
+    in_chans: int | None = None
+    img_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    # data
+    dataset: str = "torch/fashion_mnist"
+    data_dir: str | None = None
+    dataset_download: bool = False
+    train_subset: int | None = None
+    val_subset: int | None = None
+    no_aug: bool = False
+    workers: int = 0
+    # recipe
+    epochs: int = 30
+    batch_size: int = 128
+    opt: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    sched: str = "cosine"
+    decay_epochs: float = 60.0
+    decay_rate: float = 0.1
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+    seed: int = 42
+    # grafting
+    peers: int = 2
+    baseline: bool = False
+    graft_every: int | None = None
+    graft_A: float = 0.4
+    graft_c: float = 500.0
+    graft_bins: int = 10
+    graft_level: str = "layer"
+    graft_criterion: str = "entropy"
+    diverse_lr: bool = False
+    same_data_order: bool = False
+    # device
+    device: str = "auto"
+    amp: bool = False
+    channels_last: bool = False
+    # run
+    output: str | None = None
+    resume: str | None = None
+    stop_after: int | None = None
+    log_interval: int = 50
+    progress: str = "auto"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot work."""
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "graft_bins": self.graft_bins,
+            "log_interval": self.log_interval,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        optional_positive = {
+            "graft_every": self.graft_every,
+            "train_subset": self.train_subset,
+            "val_subset": self.val_subset,
+            "stop_after": self.stop_after,
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "img_size": self.img_size,
+        }
+        for name, value in optional_positive.items():
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.peers < 2:
+            raise ValueError(
+                f"--peers must be >= 2 (grafting needs a peer to graft from), got {self.peers}"
+            )
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"--warmup-epochs must lie in [0, --epochs), got {self.warmup_epochs} "
+                f"with --epochs {self.epochs}"
+            )
+        if not 0.0 <= self.graft_A <= 1.0:
+            raise ValueError(f"--graft-A must lie in [0, 1], got {self.graft_A}")
+        if not self.graft_c >= 0.0:
+            raise ValueError(f"--graft-c must be >= 0, got {self.graft_c}")
+        if self.graft_criterion == "bn" and self.graft_level != "filter":
+            raise ValueError("--graft-criterion bn scores each filter: use --graft-level filter")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) not in (1, self.in_chans or len(value)):
+                raise ValueError(
+                    f"--{name} needs 1 or --in-chans ({self.in_chans}) values, got {len(value)}"
+                )
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"--std values must be > 0, got {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a saved dict; keys this version does not know are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        for key in ("mean", "std"):
+            if known.get(key) is not None:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+
+def diverse_lr(lr: float, index: int, k: int) -> float:
+    """The per-network initial learning rate of the authors' "dlr" option.
+
+    Network ``i`` of ``k`` (``i = 1..k``, here ``index = i - 1``) starts at
+    ``lr * (1 + cos(pi * (k - i) / k)) / 2``: the last network keeps ``lr``.
+    """
+    i = index + 1
+    return lr * (1.0 + math.cos(math.pi * (k - i) / k)) / 2.0
+
+
+def merge_resumed(saved: dict[str, Any], given: TrainConfig) -> TrainConfig:
+    """The saved recipe, with the settings a resume may change taken from ``given``.
+
+    A recipe setting given on the command line (not at its default) that differs from the
+    saved one raises ``ValueError``: continuing under another recipe would not be a resume.
+    """
+    default = TrainConfig()
+    old = TrainConfig.from_dict(saved)
+    clashes = []
+    for f in dataclasses.fields(TrainConfig):
+        mine, theirs = getattr(given, f.name), getattr(old, f.name)
+        if mine == getattr(default, f.name):
+            continue
+        if f.name in RESUME_OVERRIDES:
+            setattr(old, f.name, mine)
+        elif mine != theirs:
+            clashes.append(f"--{f.name.replace('_', '-')} {mine} (the run has {theirs})")
+    if clashes:
+        raise ValueError(
+            "--resume continues the saved recipe; these flags differ from it: "
+            + "; ".join(clashes)
+            + ". Drop them, or start a new run with another --output."
+        )
+    return old

@@ -1,0 +1,449 @@
+"""The training run: K grafted peers (and K baselines) stepping in lockstep, epoch by epoch.
+
+Peer ``i`` and baseline ``i`` share a *lane*: the same initial weights, learning rate and
+batches (one loader feeds both), so the only difference between them is grafting. Lanes have
+their own data order. :func:`build_nets` builds the networks of the lanes it is given, so a
+distributed run can build one lane per rank and keep the rest of this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import random_seed
+from torch import nn
+from torch.optim import Optimizer
+
+import graftopt
+from graftopt import GraftOptimizer, RoundRecord, invalid_filters
+
+from .checkpoint import CHECKPOINT, atomic_write_text, get_rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, diverse_lr
+from .data import DataSpec, build_data, eval_loader, train_loader
+from .progress import Progress
+from .summary import ALPHA_FIELDS, METRIC_FIELDS, format_table, summarize, write_csv
+
+__all__ = ["Net", "RunResult", "attach_grafting", "build_nets", "default_output", "train"]
+
+
+@dataclass
+class Net:
+    """One network of the run with everything that steps it."""
+
+    name: str
+    lane: int
+    grafted: bool
+    model: nn.Module
+    optimizer: Optimizer
+    lr: float
+    scheduler: Any = None
+    alphas: list[float] = field(default_factory=list)  # this epoch's mean alpha per round
+
+    @property
+    def kind(self) -> str:
+        return "grafted" if self.grafted else "baseline"
+
+
+@dataclass
+class RunResult:
+    output: Path
+    epochs_done: int
+    complete: bool
+    summary: dict[str, Any]
+    table: str
+
+
+def _seed(*words: int) -> int:
+    return int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda was asked for but CUDA is not available here; use --device cpu"
+        )
+    return device
+
+
+def check_model(name: str) -> None:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise ValueError(f"--model {name!r} is not a timm model.{hint}")
+
+
+def build_nets(
+    cfg: TrainConfig, spec: DataSpec, device: torch.device, lanes: Sequence[int]
+) -> list[Net]:
+    """The networks of ``lanes``: a grafted peer per lane, plus its baseline with ``--baseline``.
+
+    Each lane's initial weights depend only on (seed, lane), never on which other lanes this
+    process builds. Optimizers are timm's (``create_optimizer_v2``), not yet wrapped.
+    """
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    nets = []
+    for lane in lanes:
+        torch.manual_seed(_seed(cfg.seed, 2, lane))
+        model = timm.create_model(
+            cfg.model, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans
+        )
+        model.to(device=device, memory_format=memory)
+        lr = diverse_lr(cfg.lr, lane, cfg.peers) if cfg.diverse_lr else cfg.lr
+        models = [(True, model)] + ([(False, copy.deepcopy(model))] if cfg.baseline else [])
+        for grafted, m in models:
+            opt = create_optimizer_v2(
+                m, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+            )
+            name = f"{'grafted' if grafted else 'baseline'}{lane}"
+            nets.append(Net(name, lane, grafted, m, opt, lr))
+    return nets
+
+
+def attach_grafting(nets: Sequence[Net], cfg: TrainConfig, every: int) -> None:
+    """Wrap the grafted networks' optimizers in the paper's ring (network i grafts from i-1)."""
+    grafted = [n for n in nets if n.grafted]
+    opts = graftopt.ring(
+        [n.model for n in grafted],
+        [n.optimizer for n in grafted],
+        every=every,
+        A=cfg.graft_A,
+        c=cfg.graft_c,
+        bins=cfg.graft_bins,
+        level=cfg.graft_level,
+        criterion=cfg.graft_criterion,
+        history=0,
+    )
+    for net, opt in zip(grafted, opts, strict=True):
+        net.optimizer = opt
+
+
+def attach_schedulers(nets: Sequence[Net], cfg: TrainConfig, steps: int) -> None:
+    for net in nets:
+        net.scheduler, _ = create_scheduler_v2(
+            net.optimizer,
+            sched=cfg.sched,
+            num_epochs=cfg.epochs,
+            decay_epochs=cfg.decay_epochs,
+            decay_rate=cfg.decay_rate,
+            min_lr=cfg.min_lr,
+            warmup_epochs=cfg.warmup_epochs,
+            # Per-iteration schedules, as the paper's cosine annealing per iteration.
+            step_on_epochs=False,
+            updates_per_epoch=steps,
+        )
+
+
+def _autocast(device: torch.device, amp: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    if not amp:
+        return contextlib.nullcontext
+    # bfloat16 needs no GradScaler: a scaler skips optimizer steps on overflow, and one peer
+    # skipping a step would break the lockstep that graft rounds rely on.
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--amp uses bfloat16, which this GPU does not support; drop --amp")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _batches(
+    loaders: Sequence[Any], device: torch.device, memory: torch.memory_format
+) -> Iterator[list]:
+    for batch in zip(*loaders, strict=True):
+        yield [
+            (x.to(device, non_blocking=True, memory_format=memory), y.to(device, non_blocking=True))
+            for x, y in batch
+        ]
+
+
+def train_epoch(
+    nets: Sequence[Net],
+    loaders: Sequence[Any],
+    epoch: int,
+    steps: int,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: Progress,
+) -> dict[str, float]:
+    """One epoch: per iteration, every network takes one step on its lane's batch."""
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    autocast = _autocast(device, cfg.amp)
+    lanes = sorted({n.lane for n in nets})
+    by_lane = [[n for n in nets if n.lane == lane] for lane in lanes]
+    totals = {n.name: torch.zeros((), device=device) for n in nets}
+    for net in nets:
+        net.model.train()
+        net.alphas.clear()
+    for i, batch in enumerate(_batches(loaders, device, memory)):
+        updates = epoch * steps + i + 1
+        for (x, y), lane_nets in zip(batch, by_lane, strict=True):
+            for net in lane_nets:
+                net.optimizer.zero_grad(set_to_none=True)
+                with autocast():
+                    loss = F.cross_entropy(net.model(x), y)
+                loss.backward()
+                net.optimizer.step()
+                if net.scheduler is not None:
+                    net.scheduler.step_update(num_updates=updates)
+                totals[net.name] += loss.detach().float()
+        progress.batch(i, loss.detach())
+    return {name: float(t) / steps for name, t in totals.items()}
+
+
+@torch.inference_mode()
+def evaluate(
+    nets: Sequence[Net], loader: Any, cfg: TrainConfig, device: torch.device
+) -> dict[str, tuple[float, float]]:
+    """Top-1 and top-5 (%) of each network and of the ensembles (mean softmax) per kind."""
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    autocast = _autocast(device, cfg.amp)
+    for net in nets:
+        net.model.eval()
+    kinds = {kind: [n for n in nets if n.kind == kind] for kind in ("grafted", "baseline")}
+    names = [n.name for n in nets] + [f"ensemble_{k}" for k, members in kinds.items() if members]
+    correct = {name: torch.zeros(2, device=device) for name in names}
+    seen = 0
+    for x, y in loader:
+        x, y = x.to(device, memory_format=memory), y.to(device)
+        probs: dict[str, torch.Tensor] = {}
+        for net in nets:
+            with autocast():
+                logits = net.model(x).float()
+            correct[net.name] += _correct(logits, y)
+            probs[net.name] = logits.softmax(dim=1)
+        for kind, members in kinds.items():
+            if members:
+                mean = torch.stack([probs[n.name] for n in members]).mean(0)
+                correct[f"ensemble_{kind}"] += _correct(mean, y)
+        seen += len(y)
+    return {name: tuple((100.0 * c / seen).tolist()) for name, c in correct.items()}  # type: ignore[misc]
+
+
+def _correct(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    k = min(5, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    hits = top == target.unsqueeze(1)
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
+
+
+def _net_rows(
+    nets: Sequence[Net], epoch: int, losses: dict[str, float], acc: dict[str, tuple[float, float]]
+) -> list[dict[str, Any]]:
+    rows = []
+    for net in nets:
+        coarse, fine = invalid_filters(net.model, 0.1), invalid_filters(net.model, 0.01)
+        grafting = net.optimizer if isinstance(net.optimizer, GraftOptimizer) else None
+        rows.append(
+            {
+                "epoch": epoch + 1,
+                "network": net.name,
+                "kind": net.kind,
+                "lane": net.lane,
+                "lr": net.optimizer.param_groups[0]["lr"],
+                "train_loss": losses[net.name],
+                "top1": acc[net.name][0],
+                "top5": acc[net.name][1],
+                "graft_rounds": grafting.rounds if grafting else None,
+                "mean_alpha": sum(net.alphas) / len(net.alphas) if net.alphas else None,
+                "invalid_0.1": coarse.invalid,
+                "invalid_0.01": fine.invalid,
+                "filters": coarse.total,
+            }
+        )
+    for name, (top1, top5) in acc.items():
+        if name.startswith("ensemble_"):
+            rows.append(
+                {
+                    "epoch": epoch + 1,
+                    "network": name,
+                    "kind": "ensemble",
+                    "top1": top1,
+                    "top5": top5,
+                }
+            )
+    return rows
+
+
+def default_output(cfg: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    data = cfg.dataset.replace("/", "-") or "folder"
+    return Path("output") / "train" / f"{stamp}-{cfg.model}-{data}-k{cfg.peers}"
+
+
+def recipe_line(cfg: TrainConfig, spec: DataSpec, steps: int, every: int) -> str:
+    """The whole recipe on one line, printed at the start of every run."""
+    if cfg.diverse_lr:
+        lr = "diverse " + "/".join(
+            f"{diverse_lr(cfg.lr, i, cfg.peers):.4g}" for i in range(cfg.peers)
+        )
+    else:
+        lr = f"{cfg.lr}"
+    nets = f"{cfg.peers} grafted peers" + (f" + {cfg.peers} baselines" if cfg.baseline else "")
+    shape = f"{spec.in_chans}x{spec.img_size}x{spec.img_size}"
+    sizes = f"{len(spec.train)} train / {len(spec.val)} val images"  # type: ignore[arg-type]
+    return (
+        f"recipe: {cfg.model} on {cfg.dataset or 'folder'} ({sizes}, {shape}, "
+        f"{spec.num_classes} classes); {nets}; {cfg.epochs} epochs x {steps} steps, "
+        f"batch {cfg.batch_size}, {cfg.opt} lr {lr} momentum {cfg.momentum} "
+        f"wd {cfg.weight_decay}, sched {cfg.sched} (per step), "
+        f"aug {'none' if cfg.no_aug else 'crop+flip'}; graft every {every} steps, "
+        f"A={cfg.graft_A} c={cfg.graft_c} bins={cfg.graft_bins} level={cfg.graft_level} "
+        f"criterion={cfg.graft_criterion}; seed {cfg.seed}"
+    )
+
+
+def train(
+    cfg: TrainConfig, progress: Progress | None = None, resume_state: dict[str, Any] | None = None
+) -> RunResult:
+    """Run (or continue) a training run and write its outputs under ``cfg.output``.
+
+    Writes ``config.json``, ``metrics.csv`` (one row per network and epoch), ``alphas.csv``
+    (per round, network and unit), ``checkpoint.pth`` after every epoch, and at the end
+    ``summary.md`` / ``summary.json`` with the comparison table.
+    """
+    cfg.validate()
+    check_model(cfg.model)
+    progress = progress or Progress(cfg.progress, cfg.log_interval)
+    out = Path(cfg.output) if cfg.output else default_output(cfg)
+    cfg.output = str(out)
+    if resume_state is None and (out / CHECKPOINT).exists():
+        raise ValueError(
+            f"{out} already holds a run: continue it with --resume {out}, "
+            "or choose another --output"
+        )
+    device = resolve_device(cfg.device)
+    random_seed(cfg.seed)
+
+    pretrained = timm.models.get_pretrained_cfg(cfg.model)
+    spec = build_data(cfg, pretrained.to_dict() if pretrained is not None else {})
+    steps = len(spec.train) // cfg.batch_size  # type: ignore[arg-type]
+    every = cfg.graft_every or steps
+    nets = build_nets(cfg, spec, device, range(cfg.peers))
+    attach_grafting(nets, cfg, every)
+    attach_schedulers(nets, cfg, steps)
+
+    epoch0, rows, alpha_rows = 0, [], []
+    if resume_state is not None:
+        epoch0, rows, alpha_rows = _restore(nets, resume_state)
+    current = {"epoch": epoch0}
+
+    def on_round(net: Net) -> Callable[[RoundRecord], None]:
+        def record(rec: RoundRecord) -> None:
+            units = rec.unit_alphas()
+            net.alphas.append(sum(units.values()) / len(units))
+            alpha_rows.extend(
+                {
+                    "epoch": current["epoch"] + 1,
+                    "network": net.name,
+                    "round": rec.round,
+                    "step": rec.step,
+                    "unit": u,
+                    "alpha": a,
+                }
+                for u, a in units.items()
+            )
+
+        return record
+
+    for net in nets:
+        if isinstance(net.optimizer, GraftOptimizer):
+            net.optimizer.callback = on_round(net)
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    progress.write(recipe_line(cfg, spec, steps, every))
+    progress.write(f"output: {out}")
+    val = eval_loader(spec, cfg)
+    stop = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, epoch0 + cfg.stop_after)
+    progress.start(epoch0, cfg.epochs)
+    try:
+        for epoch in range(epoch0, stop):
+            current["epoch"] = epoch
+            start = time.perf_counter()
+            progress.start_epoch(epoch, steps)
+            loaders = [
+                train_loader(spec, cfg, 0 if cfg.same_data_order else lane, epoch)
+                for lane in range(cfg.peers)
+            ]
+            losses = train_epoch(nets, loaders, epoch, steps, cfg, device, progress)
+            acc = evaluate(nets, val, cfg, device)
+            rows.extend(_net_rows(nets, epoch, losses, acc))
+            write_csv(out / "metrics.csv", METRIC_FIELDS, rows)
+            write_csv(out / "alphas.csv", ALPHA_FIELDS, alpha_rows)
+            _save(out, cfg, spec, nets, epoch + 1, rows, alpha_rows)
+            line = "  ".join(f"{name} {a[0]:.2f}" for name, a in acc.items())
+            took = time.perf_counter() - start
+            progress.end_epoch(f"epoch {epoch + 1}/{cfg.epochs}  top-1: {line}  ({took:.0f}s)")
+    finally:
+        progress.close()
+
+    done = stop if epoch0 < stop else epoch0
+    summary = summarize(rows) if rows else {"networks": {}, "groups": {}}
+    table = format_table(summary) if rows else ""
+    complete = done >= cfg.epochs
+    if complete:
+        atomic_write_text(out / "summary.md", table)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return RunResult(out, done, complete, summary, table)
+
+
+def _save(
+    out: Path,
+    cfg: TrainConfig,
+    spec: DataSpec,
+    nets: Sequence[Net],
+    epochs: int,
+    rows: list,
+    alpha_rows: list,
+) -> None:
+    save_checkpoint(
+        out / CHECKPOINT,
+        {
+            "config": cfg.to_dict(),
+            "model_args": {"num_classes": spec.num_classes, "in_chans": spec.in_chans},
+            "epoch": epochs,
+            "nets": {
+                n.name: {
+                    "model": n.model.state_dict(),
+                    "optimizer": n.optimizer.state_dict(),
+                    "scheduler": n.scheduler.state_dict() if n.scheduler is not None else None,
+                }
+                for n in nets
+            },
+            "rng": get_rng_state(),
+            "rows": rows,
+            "alpha_rows": alpha_rows,
+        },
+    )
+
+
+def _restore(nets: Sequence[Net], state: dict[str, Any]) -> tuple[int, list, list]:
+    saved = state["nets"]
+    missing = [n.name for n in nets if n.name not in saved]
+    if missing:
+        raise ValueError(f"the checkpoint has no state for networks {missing}")
+    for net in nets:
+        s = saved[net.name]
+        net.model.load_state_dict(s["model"])
+        net.optimizer.load_state_dict(s["optimizer"])
+        if net.scheduler is not None and s["scheduler"] is not None:
+            net.scheduler.load_state_dict(s["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["epoch"]), list(state["rows"]), list(state["alpha_rows"])

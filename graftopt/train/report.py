@@ -1,0 +1,157 @@
+"""``graftopt report``: PNG plots of a run folder (matplotlib, an optional dependency)."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .summary import format_table, read_csv, summarize
+
+__all__ = ["MissingMatplotlib", "report", "write_plots"]
+
+
+class MissingMatplotlib(ImportError):
+    """Plots need matplotlib, which graftopt does not require."""
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise MissingMatplotlib(
+            "plots need matplotlib: python3 -m pip install matplotlib (or graftopt[plot])"
+        ) from e
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(kind: str) -> dict[str, Any]:
+    return {
+        "grafted": {"linestyle": "-", "marker": "o"},
+        "baseline": {"linestyle": "--", "marker": "s"},
+        "ensemble": {"linestyle": ":", "marker": "^"},
+    }.get(kind, {})
+
+
+def _accuracy(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    kinds = {}
+    for r in rows:
+        series[r["network"]].append((r["epoch"], r["top1"]))
+        kinds[r["network"]] = r["kind"]
+    for name, points in series.items():
+        points.sort()
+        ax.plot(
+            [e for e, _ in points],
+            [a for _, a in points],
+            label=name,
+            markersize=3,
+            **_style(kinds[name]),
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("grafted (solid) vs baseline (dashed) vs ensembles (dotted)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _alphas(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
+    nets = sorted({r["network"] for r in rows})
+    units = list(dict.fromkeys(r["unit"] for r in rows))
+    fig, axes = plt.subplots(
+        len(nets), 1, figsize=(8, 0.18 * len(units) * len(nets) + 1.5), squeeze=False
+    )
+    image = None
+    for ax, net in zip(axes[:, 0], nets, strict=True):
+        mine = [r for r in rows if r["network"] == net]
+        rounds = sorted({r["round"] for r in mine})
+        col = {r: i for i, r in enumerate(rounds)}
+        grid = [[float("nan")] * len(rounds) for _ in units]
+        row_of = {u: i for i, u in enumerate(units)}
+        for r in mine:
+            grid[row_of[r["unit"]]][col[r["round"]]] = r["alpha"]
+        image = ax.imshow(
+            grid,
+            aspect="auto",
+            cmap="coolwarm",
+            vmin=0.3,
+            vmax=0.7,
+            interpolation="nearest",
+            extent=(rounds[0] - 0.5, rounds[-1] + 0.5, len(units) - 0.5, -0.5),
+        )
+        ax.set_yticks(range(len(units)))
+        ax.set_yticklabels(units, fontsize=6)
+        ax.set_title(f"{net}: alpha (own share) per unit", fontsize=9)
+        ax.set_xlabel("graft round")
+    if image is not None:
+        fig.colorbar(image, ax=axes[:, 0].tolist(), label="alpha")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _invalid(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for ax, key in zip(axes, ("invalid_0.1", "invalid_0.01"), strict=True):
+        series: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        kinds = {}
+        for r in rows:
+            if r.get(key) is not None:
+                series[r["network"]].append((r["epoch"], r[key]))
+                kinds[r["network"]] = r["kind"]
+        for name, points in series.items():
+            points.sort()
+            ax.plot(
+                [e for e, _ in points],
+                [v for _, v in points],
+                label=name,
+                markersize=3,
+                **_style(kinds[name]),
+            )
+        ax.set_title(f"invalid filters (l1 < {key.split('_')[1]})")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("filters")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_plots(
+    run: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
+) -> list[Path]:
+    """Write ``accuracy.png``, ``alphas.png`` (when rounds ran) and ``invalid_filters.png``."""
+    run = Path(run)
+    metrics = run / "metrics.csv"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics} not found: give a run folder written by graftopt train")
+    rows = read_csv(metrics)
+    if not rows:
+        raise ValueError(f"{metrics} holds no epochs yet")
+    plt = _pyplot()
+    folder = Path(out) if out is not None else run / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "accuracy.png", folder / "invalid_filters.png"]
+    _accuracy(plt, rows, written[0])
+    _invalid(plt, [r for r in rows if r["kind"] != "ensemble"], written[1])
+    alphas = run / "alphas.csv"
+    alpha_rows = read_csv(alphas) if alphas.is_file() else []
+    if alpha_rows:
+        written.append(folder / "alphas.png")
+        _alphas(plt, alpha_rows, written[-1])
+    return written
+
+
+def report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> str:
+    """Write the plots and return the run's table followed by the plot paths."""
+    paths = write_plots(run, out)
+    table = format_table(summarize(read_csv(Path(run) / "metrics.csv")))
+    return table + "".join(f"plot: {p}\n" for p in paths)
