@@ -88,8 +88,8 @@ def _ms(values: list[float]) -> str:
 
 def table(results: dict[tuple[str, int], list[dict[str, Any]]]) -> str:
     lines = [
-        "| model | K | seeds | grafted (mean of K) | baselines (mean of K) | ensemble of K baselines "
-        "| grafted − baselines | seeds grafted > baselines |",
+        "| model | K | seeds | grafted (mean of K) | baselines (mean of K) "
+        "| ensemble of K baselines | grafted − baselines | seeds grafted > baselines |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for (model, k), summaries in results.items():

@@ -16,7 +16,12 @@ def table(path: str) -> str:
         data = json.load(f)
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     for b in data["benchmarks"]:
-        groups[b["group"]][b["extra_info"].get("impl", b["name"])] = b["stats"]["min"] * 1e3
+        info = dict(b["extra_info"])
+        impl = info.pop("impl", b["name"])
+        # Cases of one group that differ in more than the implementation get their own row.
+        extra = {k: v for k, v in info.items() if k in ("layers", "peers")}
+        label = b["group"] + "".join(f", {k}={v}" for k, v in extra.items())
+        groups[label][impl] = b["stats"]["min"] * 1e3
     machine = data.get("machine_info", {})
     lines = [
         f"machine: {machine.get('cpu', {}).get('brand_raw', '?')}, torch threads as configured",

@@ -50,9 +50,10 @@ def _infer_host(optimizer: Optimizer) -> nn.Module:
     if not params:
         raise ValueError("the optimizer holds no parameters")
     ids = [id(p) for p in params]
-    for module in _owner_chain(params[0]):
-        if [id(p) for p in module.parameters()] == ids:
-            return unwrap(module)
+    # The outermost match: a wrapper whose only child holds every parameter is the model.
+    matches = [m for m in _owner_chain(params[0]) if [id(p) for p in m.parameters()] == ids]
+    if matches:
+        return unwrap(matches[-1])
     raise ValueError(
         "cannot tell which model this optimizer trains: its parameters are not exactly one "
         "model's parameters in module order (parameter groups such as timm's weight-decay "

@@ -52,7 +52,9 @@ class GraftSettings:
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
         if self.criterion == "bn" and self.level != "filter":
-            raise ValueError("criterion='bn' scores each filter by its norm scale: use level='filter'")
+            raise ValueError(
+                "criterion='bn' scores each filter by its norm scale: use level='filter'"
+            )
 
 
 def _rows(tensors: Sequence[Tensor], axes: Sequence[int | None]) -> Tensor:
@@ -116,8 +118,8 @@ class Grafter:
             raise ValueError(f"the adapter named tensors the host does not have: {missing[:5]}")
         self._index = {n: i for i, n in enumerate(self.names)}
         self._unit_of = torch.tensor([k for k, u in enumerate(self.units) for _ in u.members])
-        # Blend destinations, reused from round to round: the one copy simultaneity needs,
-        # without fresh allocations (page faults on CPU) each round.
+        # Blend destinations, reused from round to round on CPU: the one copy simultaneity
+        # needs, without fresh allocations each round.
         self._out: list[Tensor | None] = [None] * len(self.names)
 
     def live(self) -> list[Tensor]:
@@ -248,7 +250,10 @@ class Grafter:
             for o, h in zip(self._out, host, strict=True)
         ]
         values, finite = F.mix_many(host, peers, table, columns, axes, out=out)
-        self._out = list(values)
+        # Kept only on CPU, where fresh buffers cost page faults; CUDA's caching allocator
+        # already reuses memory, and keeping them there would hold a weight copy between rounds.
+        on_cpu = bool(values) and values[0].device.type == "cpu"
+        self._out = list(values) if on_cpu else [None] * len(self.names)
         unit_of = self._unit_of.to(finite.device)
         unit_ok = torch.ones(len(self.units), dtype=torch.bool, device=finite.device)
         unit_ok = unit_ok.scatter_reduce(0, unit_of, finite, "amin")
@@ -326,7 +331,9 @@ class Participant:
         on_round: called with each round's :class:`RoundRecord` after the blend is written.
     """
 
-    def __init__(self, grafter: Grafter, every: int, on_round: Callable[[RoundRecord], None]) -> None:
+    def __init__(
+        self, grafter: Grafter, every: int, on_round: Callable[[RoundRecord], None]
+    ) -> None:
         self.grafter = grafter
         self.every = every
         self.on_round = on_round
@@ -341,7 +348,14 @@ class Participant:
                 f"this {type(host).__name__} is already the host of another GraftOptimizer; "
                 "wrap each model once"
             )
-        _REGISTRY[id(host)] = weakref.ref(self, lambda _, key=id(host): _REGISTRY.pop(key, None))
+        key = id(host)
+
+        def forget(ref: weakref.ref[Participant]) -> None:
+            # Only this participant's own entry: the host may have been wrapped again since.
+            if _REGISTRY.get(key) is ref:
+                del _REGISTRY[key]
+
+        _REGISTRY[key] = weakref.ref(self, forget)
 
     def close(self) -> None:
         """Leave the registry (the host can then be wrapped again)."""
@@ -376,7 +390,10 @@ class Participant:
     def before_step(self) -> None:
         """Keep the round-step weights if this host steps again while its round waits."""
         if self.arrived > self.committed and self.host not in _SNAPSHOTS:
-            _SNAPSHOTS[self.host] = {n: t.detach().clone() for n, t in zip(self.grafter.names, self.grafter.live(), strict=True)}
+            _SNAPSHOTS[self.host] = {
+                n: t.detach().clone()
+                for n, t in zip(self.grafter.names, self.grafter.live(), strict=True)
+            }
 
     def after_step(self) -> None:
         """Count a step; at every ``every``-th, arrive at the round and commit it if complete."""
@@ -386,10 +403,15 @@ class Participant:
         r = self.steps // self.every
         group = self._group()
         if self.committed < r - 1:
-            late = [type(p.host).__name__ + f" (at round {p.arrived})" for p in group if p.arrived < r - 1]
+            late = [
+                type(p.host).__name__ + f" (at round {p.arrived})"
+                for p in group
+                if p.arrived < r - 1
+            ]
             raise RuntimeError(
-                f"{type(self.host).__name__} reached graft round {r} while round {r - 1} still waits "
-                f"for its peers {late}: step the models in lockstep (one step each per iteration)"
+                f"{type(self.host).__name__} reached graft round {r} while round {r - 1} still "
+                f"waits for its peers {late}: step the models in lockstep (one step each per "
+                "iteration)"
             )
         self.arrived = r
         if all(p.arrived >= r for p in group):
@@ -415,8 +437,8 @@ def _commit(group: Sequence[Participant], r: int) -> None:
         )
         if rec.skipped:
             warnings.warn(
-                f"graft round {r}: units {list(rec.skipped)} of {type(p.host).__name__} hold NaN or "
-                "Inf in the host or a peer and were left as they were",
+                f"graft round {r}: units {list(rec.skipped)} of {type(p.host).__name__} hold NaN "
+                "or Inf in the host or a peer and were left as they were",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -532,3 +532,16 @@ def test_warnings_are_quiet_in_a_normal_run(nets):
         warnings.simplefilter("error")
         opt = GraftOptimizer(torch.optim.SGD(nets[0].parameters(), lr=0.01), [nets[1]], every=1)
         _train_step(nets[0], opt, 0)
+
+
+def test_inferred_host_is_the_outermost_model():
+    def wrapped(seed):
+        outer = nn.Module()
+        outer.body = make_net(seed)
+        outer.forward = outer.body.forward
+        return outer
+
+    host, peer = wrapped(0), wrapped(1)
+    opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
+    assert opt.model is host
+    assert opt.units[0].name == "body.conv1"
