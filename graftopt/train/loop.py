@@ -335,7 +335,9 @@ def train(
     spec = build_data(cfg, pretrained.to_dict() if pretrained is not None else {})
     steps = len(spec.train) // cfg.batch_size  # type: ignore[arg-type]
     every = cfg.graft_every or steps
-    nets = build_nets(cfg, spec, device, range(cfg.peers))
+    # This process holds every lane; a one-lane-per-process run would pass its own lane here.
+    lanes = list(range(cfg.peers))
+    nets = build_nets(cfg, spec, device, lanes)
     attach_grafting(nets, cfg, every)
     attach_schedulers(nets, cfg, steps)
 
@@ -379,8 +381,7 @@ def train(
             start = time.perf_counter()
             progress.start_epoch(epoch, steps)
             loaders = [
-                train_loader(spec, cfg, 0 if cfg.same_data_order else lane, epoch)
-                for lane in range(cfg.peers)
+                train_loader(spec, cfg, 0 if cfg.same_data_order else lane, epoch) for lane in lanes
             ]
             losses = train_epoch(nets, loaders, epoch, steps, cfg, device, progress)
             acc = evaluate(nets, val, cfg, device)
@@ -394,7 +395,7 @@ def train(
     finally:
         progress.close()
 
-    done = stop if epoch0 < stop else epoch0
+    done = max(stop, epoch0)
     summary = summarize(rows) if rows else {"networks": {}, "groups": {}}
     table = format_table(summary) if rows else ""
     complete = done >= cfg.epochs

@@ -29,6 +29,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _style(kind: str) -> dict[str, Any]:
     return {
         "grafted": {"linestyle": "-", "marker": "o"},
@@ -54,6 +60,7 @@ def _accuracy(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
             **_style(kinds[name]),
         )
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("grafted (solid) vs baseline (dashed) vs ensembles (dotted)")
     ax.grid(alpha=0.3)
@@ -67,7 +74,11 @@ def _alphas(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
     nets = sorted({r["network"] for r in rows})
     units = list(dict.fromkeys(r["unit"] for r in rows))
     fig, axes = plt.subplots(
-        len(nets), 1, figsize=(8, 0.18 * len(units) * len(nets) + 1.5), squeeze=False
+        len(nets),
+        1,
+        figsize=(8, 0.18 * len(units) * len(nets) + 1.5),
+        squeeze=False,
+        layout="constrained",
     )
     image = None
     for ax, net in zip(axes[:, 0], nets, strict=True):
@@ -91,9 +102,10 @@ def _alphas(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_yticklabels(units, fontsize=6)
         ax.set_title(f"{net}: alpha (own share) per unit", fontsize=9)
         ax.set_xlabel("graft round")
+        ax.xaxis.set_major_locator(_integer_ticks())
     if image is not None:
         fig.colorbar(image, ax=axes[:, 0].tolist(), label="alpha")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -117,6 +129,9 @@ def _invalid(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
             )
         ax.set_title(f"invalid filters (l1 < {key.split('_')[1]})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.yaxis.set_major_locator(_integer_ticks())
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1))  # counts: no negative axis when all are 0
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("filters")
     axes[0].legend(fontsize=8)
