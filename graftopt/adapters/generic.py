@@ -7,48 +7,30 @@ from torch import nn
 
 from .base import Adapter, Unit
 from .flow import Flow
+from .layers import CONV, NORMS, norm_channels, norm_tensors
 
 __all__ = ["GenericAdapter", "pair_norms", "unit_for"]
 
-_CONV = nn.modules.conv._ConvNd
-_NORMS = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm,
-    nn.LayerNorm,
-)
-# Norm tensors that ride along with the unit; num_batches_tracked is a counter, not a weight.
-_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
-
 
 def _out_channels(module: nn.Module) -> int:
-    return module.out_channels if isinstance(module, _CONV) else module.out_features
-
-
-def _norm_channels(norm: nn.Module) -> int | None:
-    if isinstance(norm, nn.GroupNorm):
-        return norm.num_channels
-    if isinstance(norm, nn.LayerNorm):
-        shape = tuple(norm.normalized_shape)
-        return shape[0] if len(shape) == 1 else None
-    return norm.num_features
+    return module.out_channels if isinstance(module, CONV) else module.out_features
 
 
 def _fits(layer: nn.Module, norm: nn.Module) -> bool:
     if isinstance(norm, nn.LayerNorm) and not isinstance(layer, nn.Linear):
         return False  # a LayerNorm after a conv normalizes spatial positions, not its channels
-    return _norm_channels(norm) == _out_channels(layer)
+    return norm_channels(norm) == _out_channels(layer)
 
 
 def _is_layer(module: nn.Module) -> bool:
     if isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return False
-    return isinstance(module, (_CONV, nn.Linear))
+    return isinstance(module, (CONV, nn.Linear))
 
 
 def _pairs_by_dataflow(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str] | None:
     """Norms whose input is a layer's output, found by torch.fx; None if the model won't trace."""
-    norms = {n: m for n, m in model.named_modules() if isinstance(m, _NORMS)}
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, NORMS)}
     flow = Flow.trace(model, layers, norms)
     if flow is None:
         return None
@@ -67,7 +49,7 @@ def _pairs_by_order(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str,
     for name, module in model.named_modules():
         if name in layers:
             previous = name
-        elif isinstance(module, _NORMS):
+        elif isinstance(module, NORMS):
             if previous is not None and _fits(layers[previous], module):
                 pairs[previous] = name
             previous = None
@@ -93,11 +75,9 @@ def unit_for(model: nn.Module, name: str, norm: str | None) -> Unit:
     gamma = None
     if norm is not None:
         nmod = model.get_submodule(norm)
-        for t in _NORM_TENSORS:
-            value = getattr(nmod, t, None)
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                members.append(f"{norm}.{t}")
-                axes.append(0)
+        for t, _ in norm_tensors(nmod):
+            members.append(f"{norm}.{t}")
+            axes.append(0)
         if isinstance(getattr(nmod, "weight", None), torch.Tensor):
             gamma = f"{norm}.weight"
     return Unit(name, (f"{name}.weight",), tuple(members), tuple(axes), gamma)
