@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from .adapters.base import Adapter, Unit, tensor_table, unwrap
+from .adapters.base import Adapter, TensorRefs, Unit, tensor_table, unwrap
 
 if TYPE_CHECKING:
     from .rounds import GraftSettings
@@ -19,14 +19,23 @@ __all__ = ["ModulePeers", "PeerSource", "check_alignment", "read_tensors"]
 # Weights of a host as they were at its round step, kept only while its round waits for a
 # peer and the host has stepped again; peers must read those, not the newer ones.
 _SNAPSHOTS: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = weakref.WeakKeyDictionary()
+_REFS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], TensorRefs]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def read_tensors(module: nn.Module, names: Sequence[str]) -> list[Tensor]:
     """The named tensors of a (bare) module as a round must read them."""
     table = _SNAPSHOTS.get(module)
-    if table is None:
-        table = tensor_table(module)
-    return [table[n] for n in names]
+    if table is not None:
+        return [table[n] for n in names]
+    # Rounds read the same names every time: locate them once per module.
+    cache = _REFS.setdefault(module, {})
+    key = tuple(names)
+    refs = cache.get(key)
+    if refs is None:
+        refs = cache[key] = TensorRefs(module, names)
+    return refs.get()
 
 
 def check_alignment(

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .adapters.base import Unit, tensor_table
+from .adapters.base import TensorRefs, Unit, tensor_table
 from .diagnostics import RoundRecord
 from .peers import _SNAPSHOTS, PeerSource, read_tensors
 
@@ -117,6 +117,7 @@ class Grafter:
         if missing:
             raise ValueError(f"the adapter named tensors the host does not have: {missing[:5]}")
         self._index = {n: i for i, n in enumerate(self.names)}
+        self._refs = TensorRefs(host, self.names)
         self._unit_of = torch.tensor([k for k, u in enumerate(self.units) for _ in u.members])
         # Blend destinations, reused from round to round on CPU: the one copy simultaneity
         # needs, without fresh allocations each round.
@@ -124,8 +125,7 @@ class Grafter:
 
     def live(self) -> list[Tensor]:
         """The host's unit tensors themselves (the ones a round writes)."""
-        table = tensor_table(self.host)
-        return [table[n] for n in self.names]
+        return self._refs.get()
 
     def _scores(
         self, tensors: Sequence[Tensor], level: str, criterion: str

@@ -545,3 +545,13 @@ def test_inferred_host_is_the_outermost_model():
     opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
     assert opt.model is host
     assert opt.units[0].name == "body.conv1"
+
+
+def test_round_follows_tensors_replaced_after_wrapping(nets):
+    host, peer = nets[0], nets[1]
+    opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
+    host.double()  # replaces the BatchNorm buffers with new tensors
+    expected = ref_graft(host, [peer])
+    opt.step()
+    torch.testing.assert_close(host.bn1.running_mean, expected["bn1.running_mean"], atol=2e-5, rtol=0)
+    assert host.bn1.running_mean.dtype == torch.float64

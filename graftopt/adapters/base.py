@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-__all__ = ["Adapter", "Unit", "tensor_table", "unwrap"]
+__all__ = ["Adapter", "TensorRefs", "Unit", "tensor_table", "unwrap"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,25 @@ def tensor_table(model: nn.Module) -> dict[str, Tensor]:
     table: dict[str, Tensor] = dict(model.named_parameters())
     table.update(model.named_buffers())
     return table
+
+
+class TensorRefs:
+    """Named tensors of a module, located once and read without walking the module tree.
+
+    Each name is kept as (the owning module's parameter or buffer dict, key), so a read sees a
+    tensor that ``model.to()`` or ``load_state_dict`` put in place of the old one.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self._slots: list[tuple[dict[str, Tensor | None], str]] = []
+        for name in names:
+            prefix, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(prefix) if prefix else model
+            table = owner._parameters if leaf in owner._parameters else owner._buffers
+            if table.get(leaf) is None:
+                raise KeyError(f"{type(model).__name__} has no tensor {name!r}")
+            self._slots.append((table, leaf))
+
+    def get(self) -> list[Tensor]:
+        """The tensors, in the order of the names."""
+        return [table[key] for table, key in self._slots]  # type: ignore[misc]

@@ -15,8 +15,11 @@ __all__ = [
     "CHECKPOINT",
     "atomic_write_text",
     "find_checkpoint",
+    "find_rank_checkpoint",
     "get_rng_state",
     "load_checkpoint",
+    "rank_checkpoint_name",
+    "rank_checkpoints",
     "save_checkpoint",
     "set_rng_state",
 ]
@@ -57,19 +60,58 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     _atomic(Path(path), lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
+def rank_checkpoint_name(rank: int) -> str:
+    """The checkpoint file of one rank of a ``torchrun`` run (each rank saves its own)."""
+    return f"checkpoint-rank{rank}.pth"
+
+
+def rank_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
+    """The per-rank checkpoints in a run folder, by rank (empty for one-process runs)."""
+    found = Path(folder).glob("checkpoint-rank*.pth")
+    numbered = [(p.stem.removeprefix("checkpoint-rank"), p) for p in found]
+    return [p for r, p in sorted((int(r), p) for r, p in numbered if r.isdigit())]
+
+
 def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     """``path`` itself if it is a file, else the checkpoint inside the run folder ``path``."""
     p = Path(path)
     if p.is_dir():
+        if not (p / CHECKPOINT).exists() and rank_checkpoints(p):
+            n = len(rank_checkpoints(p))
+            raise FileNotFoundError(
+                f"{p} holds a run trained by torchrun over {n} processes (checkpoint-rank*.pth): "
+                f"resume it with torchrun --nproc-per-node {n} -m graftopt.train --resume {p}"
+            )
         p = p / CHECKPOINT
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at {p}: give a run folder or a {CHECKPOINT} file")
     return p
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (onto the CPU)."""
-    p = find_checkpoint(path)
+def find_rank_checkpoint(path: str | os.PathLike[str], rank: int) -> Path:
+    """The checkpoint of ``rank`` in the run folder ``path`` (or the folder of file ``path``)."""
+    p = Path(path)
+    folder = p.parent if p.is_file() else p
+    if (folder / CHECKPOINT).is_file() and not rank_checkpoints(folder):
+        raise FileNotFoundError(
+            f"{folder} holds a run trained in one process ({CHECKPOINT}): resume it without "
+            "torchrun (graftopt train --resume ...)"
+        )
+    ckpt = folder / rank_checkpoint_name(rank)
+    if not ckpt.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint for rank {rank} at {ckpt}: give the run folder written by the "
+            "torchrun run (on several machines, each keeps its ranks' files)"
+        )
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike[str], rank: int | None = None) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (onto the CPU).
+
+    With ``rank``, the file of that rank of a ``torchrun`` run in the folder ``path``.
+    """
+    p = find_checkpoint(path) if rank is None else find_rank_checkpoint(path, rank)
     # weights_only stays off: the state holds numpy and Python RNG states, which are not
     # plain tensors; only load checkpoints you trust (as with any torch.load).
     state = torch.load(p, map_location="cpu", weights_only=False)

@@ -6,8 +6,13 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import TrainConfig, merge_resumed
+
+if TYPE_CHECKING:
+    from graftopt.distributed import DistributedContext
 
 __all__ = ["COMMANDS", "build_parser", "config_from_args", "main"]
 
@@ -120,6 +125,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="every peer sees the batches in the same order (default: one order per peer)",
     )
+    g.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=_D.peer_timeout,
+        help="under torchrun: seconds a rank waits for its peers at a graft round before it "
+        "stops with an error naming them",
+    )
     g = p.add_argument_group("device")
     g.add_argument("--device", default=_D.device, help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast")
@@ -174,21 +186,54 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .checkpoint import find_checkpoint, load_checkpoint
-    from .loop import train
+    from .ranks import USER_ERRORS, start
 
     cfg = config_from_args(args)
+    cfg.validate()  # before joining a job: a bad flag fails the same on every rank
+    ctx = start(cfg)  # None unless started by torchrun with 2 or more processes
+    if ctx is None:
+        return _train_run(args, cfg, None)
+    from graftopt.distributed import PeerError
+
+    try:
+        code = _train_run(args, cfg, ctx)
+    except PeerError as e:
+        # The process group is broken now (see docs/distributed.md): report and exit.
+        print(f"graftopt train: rank {ctx.rank}: error: {e}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as e:
+        ctx.close()  # every rank raised it (ranks.agree), so leaving together is safe
+        print(f"graftopt train: rank {ctx.rank}: error: {e}", file=sys.stderr)
+        return 2
+    ctx.close()
+    return code
+
+
+def _train_run(args: argparse.Namespace, cfg: TrainConfig, ctx: DistributedContext | None) -> int:
+    from .checkpoint import find_checkpoint, load_checkpoint
+    from .loop import train
+    from .ranks import agree
+
     state = None
     if cfg.resume is not None:
-        state = load_checkpoint(cfg.resume)
+        rank = None if ctx is None else ctx.rank
+        state = agree(ctx, lambda: load_checkpoint(cfg.resume, rank))  # type: ignore[arg-type]
         given_output = cfg.output
         cfg = merge_resumed(state["config"], cfg)
-        cfg.output = given_output or str(find_checkpoint(cfg.resume).parent)
-    result = train(cfg, resume_state=state)
+        resumed = Path(cfg.resume)  # type: ignore[arg-type]
+        if ctx is None:
+            folder = find_checkpoint(resumed).parent
+        else:
+            folder = resumed if resumed.is_dir() else resumed.parent
+        cfg.output = given_output or str(folder)
+    result = train(cfg, resume_state=state, ctx=ctx)
+    if ctx is not None and ctx.rank != 0:
+        return 0  # rank 0 prints the table and writes the plots
     if not result.complete:
+        launch = "torchrun ... -m graftopt.train" if ctx is not None else "graftopt train"
         print(
             f"stopped after epoch {result.epochs_done} of {cfg.epochs}; continue with "
-            f"graftopt train --resume {result.output}"
+            f"{launch} --resume {result.output}"
         )
         return 0
     print()

@@ -11,7 +11,7 @@ __all__ = ["RESUME_OVERRIDES", "TrainConfig", "diverse_lr", "merge_resumed"]
 
 # Settings a resumed run may change without changing its numbers.
 RESUME_OVERRIDES = frozenset(
-    {"output", "resume", "workers", "progress", "log_interval", "stop_after"}
+    {"output", "resume", "workers", "progress", "log_interval", "stop_after", "peer_timeout"}
 )
 
 
@@ -62,6 +62,7 @@ class TrainConfig:
     graft_criterion: str = "entropy"
     diverse_lr: bool = False
     same_data_order: bool = False
+    peer_timeout: float = 300.0  # torchrun runs: seconds a rank waits for its peers at a round
     # device
     device: str = "auto"
     amp: bool = False
@@ -109,6 +110,8 @@ class TrainConfig:
                 f"--warmup-epochs must lie in [0, --epochs), got {self.warmup_epochs} "
                 f"with --epochs {self.epochs}"
             )
+        if not self.peer_timeout > 0:
+            raise ValueError(f"--peer-timeout must be > 0 seconds, got {self.peer_timeout}")
         if not 0.0 <= self.graft_A <= 1.0:
             raise ValueError(f"--graft-A must lie in [0, 1], got {self.graft_A}")
         if not self.graft_c >= 0.0:

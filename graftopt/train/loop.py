@@ -2,8 +2,9 @@
 
 Peer ``i`` and baseline ``i`` share a *lane*: the same initial weights, learning rate and
 batches (one loader feeds both), so the only difference between them is grafting. Lanes have
-their own data order. :func:`build_nets` builds the networks of the lanes it is given, so a
-distributed run can build one lane per rank and keep the rest of this module.
+their own data order and their own random stream. :func:`build_nets` builds the networks of
+the lanes it is given: under ``torchrun`` each rank builds one lane (see :mod:`.ranks`), and a
+lane computes there exactly what it computes beside the other lanes in one process.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -31,13 +33,33 @@ from torch.optim import Optimizer
 import graftopt
 from graftopt import GraftOptimizer, RoundRecord, invalid_filters
 
-from .checkpoint import CHECKPOINT, atomic_write_text, get_rng_state, save_checkpoint, set_rng_state
+from . import ranks
+from .checkpoint import (
+    CHECKPOINT,
+    atomic_write_text,
+    get_rng_state,
+    rank_checkpoint_name,
+    rank_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig, diverse_lr
 from .data import DataSpec, build_data, eval_loader, train_loader
 from .progress import Progress
 from .summary import ALPHA_FIELDS, METRIC_FIELDS, format_table, summarize, write_csv
 
-__all__ = ["Net", "RunResult", "attach_grafting", "build_nets", "default_output", "train"]
+if TYPE_CHECKING:
+    from graftopt.distributed import DistributedContext
+
+__all__ = [
+    "LaneRandom",
+    "Net",
+    "RunResult",
+    "attach_grafting",
+    "build_nets",
+    "default_output",
+    "train",
+]
 
 
 @dataclass
@@ -71,7 +93,16 @@ def _seed(*words: int) -> int:
     return int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, ctx: DistributedContext | None = None) -> torch.device:
+    """The device of ``--device``; under torchrun, the rank's own (``cuda:LOCAL_RANK`` or CPU)."""
+    if ctx is not None:
+        resolve_device(name)  # still refuse --device cuda where there is no CUDA
+        if name not in ("auto", "cpu", "cuda"):
+            raise ValueError(
+                f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK (or the CPU); "
+                "pass --device auto, cuda or cpu"
+            )
+        return ctx.device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -119,19 +150,31 @@ def build_nets(
     return nets
 
 
-def attach_grafting(nets: Sequence[Net], cfg: TrainConfig, every: int) -> None:
-    """Wrap the grafted networks' optimizers in the paper's ring (network i grafts from i-1)."""
+def attach_grafting(
+    nets: Sequence[Net], cfg: TrainConfig, every: int, ctx: DistributedContext | None = None
+) -> None:
+    """Wrap the grafted networks' optimizers in the paper's ring (network i grafts from i-1).
+
+    In one process the ring is :func:`graftopt.ring`; under torchrun it runs over the ranks
+    (:class:`graftopt.distributed.RingPeers`), with the same math. Baselines are never wrapped.
+    """
+    settings: dict[str, Any] = {
+        "A": cfg.graft_A,
+        "c": cfg.graft_c,
+        "bins": cfg.graft_bins,
+        "level": cfg.graft_level,
+        "criterion": cfg.graft_criterion,
+        "history": 0,
+    }
     grafted = [n for n in nets if n.grafted]
+    if ctx is not None:
+        for net in grafted:
+            net.optimizer = GraftOptimizer(
+                net.optimizer, peers=ctx.ring_peers(), every=every, model=net.model, **settings
+            )
+        return
     opts = graftopt.ring(
-        [n.model for n in grafted],
-        [n.optimizer for n in grafted],
-        every=every,
-        A=cfg.graft_A,
-        c=cfg.graft_c,
-        bins=cfg.graft_bins,
-        level=cfg.graft_level,
-        criterion=cfg.graft_criterion,
-        history=0,
+        [n.model for n in grafted], [n.optimizer for n in grafted], every=every, **settings
     )
     for net, opt in zip(grafted, opts, strict=True):
         net.optimizer = opt
@@ -163,14 +206,39 @@ def _autocast(device: torch.device, amp: bool) -> Callable[[], contextlib.Abstra
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _batches(
-    loaders: Sequence[Any], device: torch.device, memory: torch.memory_format
-) -> Iterator[list]:
-    for batch in zip(*loaders, strict=True):
-        yield [
-            (x.to(device, non_blocking=True, memory_format=memory), y.to(device, non_blocking=True))
-            for x, y in batch
-        ]
+class LaneRandom:
+    """One lane's stream of torch's global generator (CPU, and CUDA on a GPU) for one epoch.
+
+    Random crops and flips (with ``--workers 0``) and dropout draw from torch's global
+    generator. Lanes interleaved in one process would share it, so a lane's draws would depend
+    on which lanes the process holds; swapping in the lane's own stream around its work makes a
+    lane draw the same numbers alone on a rank as beside the others in one process.
+    """
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.cpu = torch.Generator().manual_seed(seed).get_state()
+        self.device = device if device.type == "cuda" else None
+        self.cuda = (
+            torch.Generator(device).manual_seed(seed).get_state()
+            if self.device is not None
+            else None
+        )
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        outer = torch.get_rng_state()
+        outer_cuda = torch.cuda.get_rng_state(self.device) if self.device is not None else None
+        torch.set_rng_state(self.cpu)
+        if self.device is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        try:
+            yield
+        finally:
+            self.cpu = torch.get_rng_state()
+            torch.set_rng_state(outer)
+            if self.device is not None:
+                self.cuda = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(outer_cuda, self.device)
 
 
 def train_epoch(
@@ -182,36 +250,55 @@ def train_epoch(
     device: torch.device,
     progress: Progress,
 ) -> dict[str, float]:
-    """One epoch: per iteration, every network takes one step on its lane's batch."""
+    """One epoch: per iteration, every network takes one step on its lane's batch.
+
+    ``loaders`` holds one loader per lane of ``nets``, in lane order.
+    """
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = _autocast(device, cfg.amp)
     lanes = sorted({n.lane for n in nets})
     by_lane = [[n for n in nets if n.lane == lane] for lane in lanes]
+    if len(loaders) != len(lanes):
+        raise ValueError(f"train_epoch got {len(loaders)} loaders for {len(lanes)} lanes")
+    streams = [LaneRandom(_seed(cfg.seed, 3, lane, epoch), device) for lane in lanes]
     totals = {n.name: torch.zeros((), device=device) for n in nets}
     for net in nets:
         net.model.train()
         net.alphas.clear()
-    for i, batch in enumerate(_batches(loaders, device, memory)):
+    batches = [iter(loader) for loader in loaders]
+    for i in range(steps):
         updates = epoch * steps + i + 1
-        for (x, y), lane_nets in zip(batch, by_lane, strict=True):
-            for net in lane_nets:
-                net.optimizer.zero_grad(set_to_none=True)
-                with autocast():
-                    loss = F.cross_entropy(net.model(x), y)
-                loss.backward()
-                net.optimizer.step()
-                if net.scheduler is not None:
-                    net.scheduler.step_update(num_updates=updates)
-                totals[net.name] += loss.detach().float()
+        for it, lane_nets, stream in zip(batches, by_lane, streams, strict=True):
+            with stream.active():
+                x, y = next(it)  # the lane's augmentation draws happen here (workers=0)
+                x = x.to(device, non_blocking=True, memory_format=memory)
+                y = y.to(device, non_blocking=True)
+                for net in lane_nets:
+                    net.optimizer.zero_grad(set_to_none=True)
+                    with autocast():
+                        loss = F.cross_entropy(net.model(x), y)
+                    loss.backward()
+                    net.optimizer.step()
+                    if net.scheduler is not None:
+                        net.scheduler.step_update(num_updates=updates)
+                    totals[net.name] += loss.detach().float()
         progress.batch(i, loss.detach())
     return {name: float(t) / steps for name, t in totals.items()}
 
 
 @torch.inference_mode()
 def evaluate(
-    nets: Sequence[Net], loader: Any, cfg: TrainConfig, device: torch.device
+    nets: Sequence[Net],
+    loader: Any,
+    cfg: TrainConfig,
+    device: torch.device,
+    ctx: DistributedContext | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Top-1 and top-5 (%) of each network and of the ensembles (mean softmax) per kind."""
+    """Top-1 and top-5 (%) of each network and of the ensembles (mean softmax) per kind.
+
+    Under torchrun the ensembles take every rank's probabilities (gathered per batch, in lane
+    order, as the one-process run stacks them), so every rank gets the same ensemble figures.
+    """
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = _autocast(device, cfg.amp)
     for net in nets:
@@ -230,7 +317,10 @@ def evaluate(
             probs[net.name] = logits.softmax(dim=1)
         for kind, members in kinds.items():
             if members:
-                mean = torch.stack([probs[n.name] for n in members]).mean(0)
+                stacked = torch.stack([probs[n.name] for n in members])
+                if ctx is not None:
+                    stacked = ranks.gather_lanes(ctx, stacked)
+                mean = stacked.mean(0)
                 correct[f"ensemble_{kind}"] += _correct(mean, y)
         seen += len(y)
     return {name: tuple((100.0 * c / seen).tolist()) for name, c in correct.items()}  # type: ignore[misc]
@@ -310,47 +400,69 @@ def recipe_line(cfg: TrainConfig, spec: DataSpec, steps: int, every: int) -> str
 
 
 def train(
-    cfg: TrainConfig, progress: Progress | None = None, resume_state: dict[str, Any] | None = None
+    cfg: TrainConfig,
+    progress: Progress | None = None,
+    resume_state: dict[str, Any] | None = None,
+    ctx: DistributedContext | None = None,
 ) -> RunResult:
     """Run (or continue) a training run and write its outputs under ``cfg.output``.
 
     Writes ``config.json``, ``metrics.csv`` (one row per network and epoch), ``alphas.csv``
     (per round, network and unit), ``checkpoint.pth`` after every epoch, and at the end
     ``summary.md`` / ``summary.json`` with the comparison table.
+
+    With ``ctx`` (a process of a ``torchrun`` job, one peer per rank) this rank trains lane
+    ``ctx.peer`` only and saves ``checkpoint-rank{r}.pth`` (``resume_state`` is that file);
+    rank 0 writes everything else from rows gathered from all ranks. Every rank returns the
+    same summary.
     """
     cfg.validate()
     check_model(cfg.model)
-    progress = progress or Progress(cfg.progress, cfg.log_interval)
+    if ctx is not None:
+        ranks.check_world(cfg, ctx)
+    lead = ctx is None or ctx.rank == 0
+    if progress is None:
+        progress = Progress(cfg.progress if lead else "off", cfg.log_interval)
     out = Path(cfg.output) if cfg.output else default_output(cfg)
+    if ctx is not None:
+        out = Path(ranks.broadcast(ctx, str(out)))  # one folder, named by rank 0's clock
     cfg.output = str(out)
-    if resume_state is None and (out / CHECKPOINT).exists():
-        raise ValueError(
-            f"{out} already holds a run: continue it with --resume {out}, "
-            "or choose another --output"
-        )
-    device = resolve_device(cfg.device)
-    random_seed(cfg.seed)
 
-    pretrained = timm.models.get_pretrained_cfg(cfg.model)
-    spec = build_data(cfg, pretrained.to_dict() if pretrained is not None else {})
+    def prepare() -> tuple[torch.device, DataSpec]:
+        if resume_state is None and _holds_run(out):
+            raise ValueError(
+                f"{out} already holds a run: continue it with --resume {out}, "
+                "or choose another --output"
+            )
+        if resume_state is not None and ctx is not None:
+            _check_rank_state(resume_state, ctx)
+        device = resolve_device(cfg.device, ctx)
+        pretrained = timm.models.get_pretrained_cfg(cfg.model)
+        return device, build_data(cfg, pretrained.to_dict() if pretrained is not None else {})
+
+    # A rank that fails here alone (its data or checkpoint missing) makes every rank fail.
+    device, spec = ranks.agree(ctx, prepare)
+    random_seed(cfg.seed)
     steps = len(spec.train) // cfg.batch_size  # type: ignore[arg-type]
     every = cfg.graft_every or steps
-    # This process holds every lane; a one-lane-per-process run would pass its own lane here.
-    lanes = list(range(cfg.peers))
+    lanes = [ctx.peer] if ctx is not None else list(range(cfg.peers))
     nets = build_nets(cfg, spec, device, lanes)
-    attach_grafting(nets, cfg, every)
+    attach_grafting(nets, cfg, every, ctx)
     attach_schedulers(nets, cfg, steps)
 
     epoch0, rows, alpha_rows = 0, [], []
     if resume_state is not None:
-        epoch0, rows, alpha_rows = _restore(nets, resume_state)
+        epoch0, rows, alpha_rows = ranks.agree(ctx, lambda: _restore(nets, resume_state))
+    if ctx is not None:
+        _check_same_epoch(ctx, epoch0)
     current = {"epoch": epoch0}
+    new_alphas: list[dict[str, Any]] = []  # this epoch's rows of this process
 
     def on_round(net: Net) -> Callable[[RoundRecord], None]:
         def record(rec: RoundRecord) -> None:
             units = rec.unit_alphas()
             net.alphas.append(sum(units.values()) / len(units))
-            alpha_rows.extend(
+            new_alphas.extend(
                 {
                     "epoch": current["epoch"] + 1,
                     "network": net.name,
@@ -369,11 +481,18 @@ def train(
             net.optimizer.callback = on_round(net)
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if lead:
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     progress.write(recipe_line(cfg, spec, steps, every))
+    if ctx is not None:
+        progress.write(
+            f"torchrun: {ctx.world_size} processes, one peer each, on {device.type} "
+            f"({dist.get_backend()}); rank 0 writes the outputs"
+        )
     progress.write(f"output: {out}")
     val = eval_loader(spec, cfg)
     stop = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, epoch0 + cfg.stop_after)
+    checkpoint = out / (CHECKPOINT if ctx is None else rank_checkpoint_name(ctx.rank))
     progress.start(epoch0, cfg.epochs)
     try:
         for epoch in range(epoch0, stop):
@@ -384,12 +503,19 @@ def train(
                 train_loader(spec, cfg, 0 if cfg.same_data_order else lane, epoch) for lane in lanes
             ]
             losses = train_epoch(nets, loaders, epoch, steps, cfg, device, progress)
-            acc = evaluate(nets, val, cfg, device)
-            rows.extend(_net_rows(nets, epoch, losses, acc))
-            write_csv(out / "metrics.csv", METRIC_FIELDS, rows)
-            write_csv(out / "alphas.csv", ALPHA_FIELDS, alpha_rows)
-            _save(out, cfg, spec, nets, epoch + 1, rows, alpha_rows)
-            line = "  ".join(f"{name} {a[0]:.2f}" for name, a in acc.items())
+            acc = evaluate(nets, val, cfg, device, ctx)
+            epoch_rows = _net_rows(nets, epoch, losses, acc)
+            epoch_alphas = list(new_alphas)
+            new_alphas.clear()
+            if ctx is not None:
+                epoch_rows, epoch_alphas = _merge_ranks(ctx, epoch_rows, epoch_alphas)
+            rows.extend(epoch_rows)
+            alpha_rows.extend(epoch_alphas)
+            if lead:
+                write_csv(out / "metrics.csv", METRIC_FIELDS, rows)
+                write_csv(out / "alphas.csv", ALPHA_FIELDS, alpha_rows)
+            _save(checkpoint, cfg, spec, nets, epoch + 1, rows, alpha_rows, ctx)
+            line = "  ".join(f"{r['network']} {r['top1']:.2f}" for r in epoch_rows)
             took = time.perf_counter() - start
             progress.end_epoch(f"epoch {epoch + 1}/{cfg.epochs}  top-1: {line}  ({took:.0f}s)")
     finally:
@@ -399,27 +525,75 @@ def train(
     summary = summarize(rows) if rows else {"networks": {}, "groups": {}}
     table = format_table(summary) if rows else ""
     complete = done >= cfg.epochs
-    if complete:
+    if complete and lead:
         atomic_write_text(out / "summary.md", table)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return RunResult(out, done, complete, summary, table)
 
 
+def _holds_run(out: Path) -> bool:
+    return (out / CHECKPOINT).exists() or bool(rank_checkpoints(out))
+
+
+def _merge_ranks(
+    ctx: DistributedContext, rows: list[dict[str, Any]], alphas: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every rank's rows of one epoch, in the order the one-process run writes them.
+
+    Networks by lane (rank), then the ensembles (the same on every rank); alpha rows by round,
+    then lane, as the rounds of one process complete.
+    """
+    nets = [r for r in rows if r["kind"] != "ensemble"]
+    ensembles = [r for r in rows if r["kind"] == "ensemble"]
+    gathered = ranks.all_gather(ctx, (nets, alphas))
+    merged = [r for rank_nets, _ in gathered for r in rank_nets]
+    keyed = [
+        ((a["round"], rank, i), a)
+        for rank, (_, alpha_rows) in enumerate(gathered)
+        for i, a in enumerate(alpha_rows)
+    ]
+    return merged + ensembles, [a for _, a in sorted(keyed, key=lambda t: t[0])]
+
+
+def _check_rank_state(state: dict[str, Any], ctx: DistributedContext) -> None:
+    saved = (state.get("rank"), state.get("world_size"))
+    if saved != (ctx.rank, ctx.world_size):
+        raise ValueError(
+            f"the checkpoint of rank {ctx.rank} says rank {saved[0]} of {saved[1]} processes; "
+            f"this job has {ctx.world_size}: resume with as many processes as the run had"
+        )
+
+
+def _check_same_epoch(ctx: DistributedContext, epoch: int) -> None:
+    epochs = ranks.all_gather(ctx, epoch)
+    if len(set(epochs)) > 1:
+        # A job stopped while the ranks were saving: the files are each whole, but of
+        # different epochs; grafting would pair the wrong steps (the handshake refuses it too).
+        raise ValueError(
+            "the ranks' checkpoints end at different epochs ("
+            + ", ".join(f"rank {r}: {e}" for r, e in enumerate(epochs))
+            + "); they cannot be resumed together"
+        )
+
+
 def _save(
-    out: Path,
+    path: Path,
     cfg: TrainConfig,
     spec: DataSpec,
     nets: Sequence[Net],
     epochs: int,
     rows: list,
     alpha_rows: list,
+    ctx: DistributedContext | None = None,
 ) -> None:
+    where = {} if ctx is None else {"rank": ctx.rank, "world_size": ctx.world_size}
     save_checkpoint(
-        out / CHECKPOINT,
+        path,
         {
             "config": cfg.to_dict(),
             "model_args": {"num_classes": spec.num_classes, "in_chans": spec.in_chans},
             "epoch": epochs,
+            **where,
             "nets": {
                 n.name: {
                     "model": n.model.state_dict(),
@@ -429,6 +603,7 @@ def _save(
                 for n in nets
             },
             "rng": get_rng_state(),
+            # Under torchrun every rank keeps all rows, so any rank's file restores them.
             "rows": rows,
             "alpha_rows": alpha_rows,
         },

@@ -14,7 +14,8 @@ class Progress:
     """Epoch and batch progress of one run.
 
     Args:
-        mode: ``"bar"``, ``"plain"`` or ``"auto"`` (bars when ``stream`` is a terminal).
+        mode: ``"bar"``, ``"plain"``, ``"auto"`` (bars when ``stream`` is a terminal) or
+            ``"off"`` (nothing: the ranks of a torchrun run other than rank 0).
         log_interval: in plain mode, print a batch line every this many batches.
         stream: where bars go; plain lines and messages go to stdout.
     """
@@ -22,9 +23,10 @@ class Progress:
     def __init__(
         self, mode: str = "auto", log_interval: int = 50, stream: TextIO | None = None
     ) -> None:
-        if mode not in ("auto", "bar", "plain"):
-            raise ValueError(f"progress mode must be auto, bar or plain, got {mode!r}")
+        if mode not in ("auto", "bar", "plain", "off"):
+            raise ValueError(f"progress mode must be auto, bar, plain or off, got {mode!r}")
         self.stream = stream if stream is not None else sys.stderr
+        self.off = mode == "off"
         self.bars = mode == "bar" or (mode == "auto" and self.stream.isatty())
         self.log_interval = log_interval
         self._epochs: tqdm | None = None
@@ -52,6 +54,8 @@ class Progress:
 
         ``loss`` may be a tensor: it is read (a device sync) only when a line or bar shows it.
         """
+        if self.off:
+            return
         last = index + 1 == self._steps
         show = (index + 1) % self.log_interval == 0 or last
         if self._batches is not None:
@@ -74,6 +78,8 @@ class Progress:
         self.write(line)
 
     def write(self, line: str) -> None:
+        if self.off:
+            return
         if self.bars:
             tqdm.write(line, file=sys.stdout)
         else:
