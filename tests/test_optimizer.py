@@ -553,5 +553,7 @@ def test_round_follows_tensors_replaced_after_wrapping(nets):
     host.double()  # replaces the BatchNorm buffers with new tensors
     expected = ref_graft(host, [peer])
     opt.step()
-    torch.testing.assert_close(host.bn1.running_mean, expected["bn1.running_mean"], atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        host.bn1.running_mean, expected["bn1.running_mean"], atol=2e-5, rtol=0
+    )
     assert host.bn1.running_mean.dtype == torch.float64
