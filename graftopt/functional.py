@@ -21,12 +21,15 @@ the straightforward per-tensor code: the same bins, and blends within float roun
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "EntropyPlan",
+    "MixPlan",
     "bn_alpha",
     "entropies",
     "entropy",
@@ -99,6 +102,66 @@ def segment_entropy(values: Tensor, lengths: Sequence[int], *, bins: int = 10) -
     return _segment_entropy_torch(x, lengths, bins)
 
 
+class EntropyPlan:
+    """:func:`entropies` for tensors of one layout: what depends only on the layout, done once.
+
+    Call it with tensors of the layout it was built for and, except at the positions in
+    ``fresh``, the same data pointers (the same tensors, read again); ``fresh`` marks positions
+    that hold a new tensor of that layout at each call.
+
+    Args:
+        tensors: as for :func:`entropies`.
+        rows: as for :func:`entropies`.
+        bins: as for :func:`entropies`.
+        fresh: positions whose tensor is a new one at each call.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        *,
+        rows: Sequence[int] | None = None,
+        bins: int = 10,
+        fresh: Sequence[int] = (),
+    ) -> None:
+        self.rows = [1] * len(tensors) if rows is None else list(rows)
+        self.bins = bins
+        lengths = [t.numel() // r if r else 0 for t, r in zip(tensors, self.rows, strict=True)]
+        self.sizes = [n for n, r in zip(lengths, self.rows, strict=True) for _ in range(r)]
+        self.ck = _c_kernels() if tensors and tensors[0].device.type == "cpu" else None
+        self.counts_of = torch.tensor(self.sizes, dtype=torch.long)
+        self.convert: list[int] = []
+        self.repoint: list[int] = []
+        if self.ck is not None:
+            # Dense tensors go in as they lie in memory: the order of values inside a row does
+            # not change its histogram, and dim 0 is outermost for contiguous and channels_last
+            # alike.
+            dtypes, dense = self.ck.DTYPES, self.ck.dense
+            self.convert = [
+                i for i, t in enumerate(tensors) if not (t.dtype in dtypes and dense(t))
+            ]
+            self.repoint = sorted(set(self.convert) | set(fresh))
+        self.histogram = None
+
+    def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
+        """The entropies of ``tensors``, as :func:`entropies` gives them."""
+        if not tensors:
+            return torch.zeros(0)
+        if self.ck is not None:
+            srcs = list(tensors)
+            for i in self.convert:
+                srcs[i] = srcs[i].float().contiguous()
+            if self.histogram is None:
+                self.histogram = self.ck.Histogram(srcs, self.rows)
+            else:
+                for i in self.repoint:
+                    self.histogram.point(i, srcs[i])
+            counts, _ = self.histogram.run(self.bins)
+            return _entropy_of_counts(counts, self.counts_of)
+        flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
+        return segment_entropy(flat, self.sizes, bins=self.bins)
+
+
 def entropies(
     tensors: Sequence[Tensor], *, rows: Sequence[int] | None = None, bins: int = 10
 ) -> Tensor:
@@ -113,22 +176,9 @@ def entropies(
     Returns:
         float32 ``(sum(rows),)``: the scores in order, as :func:`segment_entropy` gives them.
     """
-    rows = [1] * len(tensors) if rows is None else list(rows)
     if not tensors:
         return torch.zeros(0)
-    lengths = [t.numel() // r if r else 0 for t, r in zip(tensors, rows, strict=True)]
-    sizes = [n for n, r in zip(lengths, rows, strict=True) for _ in range(r)]
-    device = tensors[0].device
-    if device.type == "cpu" and (ck := _c_kernels()) is not None:
-        # Dense tensors go in as they lie in memory: the order of values inside a row does not
-        # change its histogram, and dim 0 is outermost for contiguous and channels_last alike.
-        srcs = [
-            t if t.dtype in ck.DTYPES and ck.dense(t) else t.float().contiguous() for t in tensors
-        ]
-        counts, _ = ck.segment_histogram(srcs, rows, bins=bins)
-        return _entropy_of_counts(counts, torch.tensor(sizes, dtype=torch.long))
-    flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
-    return segment_entropy(flat, sizes, bins=bins)
+    return EntropyPlan(tensors, rows=rows, bins=bins)(tensors)
 
 
 def entropy(tensor: Tensor, *, bins: int = 10) -> Tensor:
@@ -217,6 +267,146 @@ def _alpha_view(alphas: Tensor, column: int, axis: int | None, host: Tensor) -> 
     return alphas[:, column : column + n].reshape(shape)
 
 
+class MixPlan:
+    """:func:`mix_many`'s choice of path per tensor and its kernel arrays, made once per layout.
+
+    Pass it to :func:`mix_many` for hosts and peers of the layouts it was built for, with the
+    same data pointers (the same tensors, read again), and the same ``columns`` and ``axes``.
+    """
+
+    def __init__(
+        self,
+        hosts: Sequence[Tensor],
+        peers: Sequence[Sequence[Tensor]],
+        columns: Sequence[int],
+        axes: Sequence[int | None],
+    ) -> None:
+        T = len(hosts)
+        self.count = T
+        self.columns, self.axes = list(columns), list(axes)
+        ck = _c_kernels() if T and hosts[0].device.type == "cpu" else None
+        self.ck = ck
+
+        def same(i: int) -> bool:
+            h = hosts[i]
+            return all(
+                p[i].dtype == h.dtype and p[i].device == h.device and p[i].stride() == h.stride()
+                and p[i].shape == h.shape for p in peers
+            )  # fmt: skip
+
+        fast, generic = [], []
+        for i, h in enumerate(hosts):
+            if h.dtype in (torch.float16, torch.bfloat16) or not same(i):
+                continue
+            if (
+                ck is not None
+                and h.dtype in (torch.float32, torch.float64)
+                and _dense(h)
+                and axes[i] in (None, 0)
+            ):
+                fast.append(i)
+            elif h.device.type != "cpu" or ck is None:
+                generic.append(i)
+        # Per dtype: the tensors, their positions, and (made at the first run) the C kernel's
+        # arrays with the destinations they point at.
+        self.fast: list[list] = []
+        for dtype in (torch.float32, torch.float64):
+            idx = [i for i in fast if hosts[i].dtype == dtype]
+            if idx:
+                self.fast.append([idx, torch.tensor(idx, dtype=torch.long), None, None])
+        self.whole = len(self.fast) == 1 and len(fast) == T  # one kernel call covers every tensor
+        self.generic = generic
+        self.generic_at = torch.tensor(generic, dtype=torch.long)
+        covered = set(fast) | set(generic)
+        self.rest = [i for i in range(T) if i not in covered]
+        self.rest_at = torch.tensor(self.rest, dtype=torch.long)
+
+    def _kernel(
+        self, entry: list, hosts: Sequence[Tensor], peers: Sequence[Sequence[Tensor]], out: list
+    ) -> tuple[list[Tensor], object]:
+        """The destinations of one dtype's tensors and the kernel arrays pointing at them."""
+        idx, _, kernel, kept = entry
+        given = out if self.whole else [out[i] for i in idx]
+        if kernel is not None and kept is not None and all(map(operator.is_, given, kept)):
+            return kept, kernel
+        dst = [o if o is not None else torch.empty_like(hosts[i]) for o, i in zip(given, idx)]
+        if kernel is None:
+            row_len = [
+                0 if self.axes[i] is None or not hosts[i].dim() else hosts[i][0].numel()
+                for i in idx
+            ]
+            kernel = self.ck.Mix(
+                dst, [hosts[i] for i in idx], [[p[i] for i in idx] for p in peers],
+                [self.columns[i] for i in idx], row_len,
+            )  # fmt: skip
+        else:
+            kernel.aim(dst)
+        entry[2] = kernel
+        # Destinations the caller handed in come back next round: the arrays then stay valid.
+        # Fresh ones are not held, so the plan keeps no weight copy alive between rounds.
+        entry[3] = dst if all(o is not None for o in given) else None
+        return dst, kernel
+
+    def run(
+        self,
+        hosts: Sequence[Tensor],
+        peers: Sequence[Sequence[Tensor]],
+        alphas: Tensor,
+        out: Sequence[Tensor | None] | None,
+    ) -> tuple[list[Tensor], Tensor]:
+        T = self.count
+        m = len(peers)
+        columns, axes = self.columns, self.axes
+        out = [None] * T if out is None else list(out)
+        alphas = alphas.float()
+        device = hosts[0].device if T else torch.device("cpu")
+        if self.whole:
+            dst, kernel = self._kernel(self.fast[0], hosts, peers, out)
+            return list(dst), kernel.run(alphas).to(device)
+        result: list[Tensor | None] = [None] * T
+        finite = torch.empty(T, dtype=torch.bool, device=device)
+        for entry in self.fast:
+            idx, at = entry[0], entry[1]
+            dst, kernel = self._kernel(entry, hosts, peers, out)
+            finite[at] = kernel.run(alphas).to(device)
+            for k, i in enumerate(idx):
+                result[i] = dst[k]
+        if self.generic:
+            generic = self.generic
+            hs = [hosts[i] for i in generic]
+            views = [
+                _alpha_view(alphas, columns[i], axes[i], hosts[i]).to(hosts[i]) for i in generic
+            ]
+            # (1/m) sum_j (a_j h + (1 - a_j) p_j) = mean_j(a_j) h + sum_j ((1 - a_j) / m) p_j
+            acc = torch._foreach_mul(hs, [v.mean(0) for v in views])
+            for j, p in enumerate(peers):
+                torch._foreach_addcmul_(
+                    acc, [p[i] for i in generic], [(1 - v[j]) / m for v in views]
+                )
+            norms = torch._foreach_norm(hs + [p[i] for p in peers for i in generic], math.inf)
+            ok = torch.stack(norms).isfinite().view(m + 1, len(generic)).all(0)
+            for k, i in enumerate(generic):
+                if out[i] is not None:
+                    out[i].copy_(acc[k])
+                    acc[k] = out[i]
+                result[i] = acc[k]
+            finite[self.generic_at.to(device)] = ok.to(device)
+        if self.rest:
+            flags = []
+            for i in self.rest:
+                h = hosts[i]
+                ax = axes[i]
+                a = _alpha_view(alphas, columns[i], ax, h)
+                per_peer = [
+                    a[j].reshape(-1) if ax is not None else a[j].reshape(()) for j in range(m)
+                ]
+                result[i] = mix(h, [p[i] for p in peers], per_peer, axis=ax)
+                checks = [torch.isfinite(t).all() for t in (h, *(p[i].to(h.device) for p in peers))]
+                flags.append(torch.stack(checks).all().to(device))
+            finite[self.rest_at.to(device)] = torch.stack(flags)
+        return result, finite  # type: ignore[return-value]
+
+
 def mix_many(
     hosts: Sequence[Tensor],
     peers: Sequence[Sequence[Tensor]],
@@ -225,6 +415,7 @@ def mix_many(
     axes: Sequence[int | None],
     *,
     out: Sequence[Tensor | None] | None = None,
+    plan: MixPlan | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """:func:`mix` for many tensors at once, and whether each input was finite.
 
@@ -237,6 +428,8 @@ def mix_many(
             which slice ``i`` takes ``alphas[:, c + i]``.
         out: optional destinations (of the hosts' shape, dtype and strides) to write into, so a
             caller can reuse them round after round; ``None`` entries are allocated.
+        plan: a :class:`MixPlan` built for these tensors, so that a caller blending the same
+            tensors round after round sorts them into paths only once.
 
     Returns:
         ``(blended, finite)``: the new tensors, and a bool ``(T,)`` tensor on the hosts' device,
@@ -247,70 +440,8 @@ def mix_many(
     (equal to :func:`mix` within float rounding); anything else (mixed dtypes or devices, half
     precision, filter axes other than the outermost) falls back to :func:`mix` per tensor.
     """
-    T = len(hosts)
-    m = len(peers)
-    if m == 0:
+    if not peers:
         raise ValueError("mix_many() needs at least one peer")
-    out = [None] * T if out is None else list(out)
-    result: list[Tensor | None] = [None] * T
-    finite: list[Tensor | None] = [None] * T
-    alphas = alphas.float()
-    ck = _c_kernels() if T and hosts[0].device.type == "cpu" else None
-
-    def same(i: int) -> bool:
-        h = hosts[i]
-        return all(
-            p[i].dtype == h.dtype and p[i].device == h.device and p[i].stride() == h.stride()
-            and p[i].shape == h.shape for p in peers
-        )  # fmt: skip
-
-    fast, generic = [], []
-    for i, h in enumerate(hosts):
-        if h.dtype in (torch.float16, torch.bfloat16) or not same(i):
-            continue
-        if (
-            ck is not None
-            and h.dtype in (torch.float32, torch.float64)
-            and _dense(h)
-            and axes[i] in (None, 0)
-        ):
-            fast.append(i)
-        elif h.device.type != "cpu" or ck is None:
-            generic.append(i)
-    if fast:
-        for dtype in (torch.float32, torch.float64):
-            idx = [i for i in fast if hosts[i].dtype == dtype]
-            if not idx:
-                continue
-            dst = [out[i] if out[i] is not None else torch.empty_like(hosts[i]) for i in idx]
-            ok = ck.mix_into(
-                dst, [hosts[i] for i in idx], [[p[i] for i in idx] for p in peers], alphas,
-                [columns[i] for i in idx],
-                [0 if axes[i] is None or not hosts[i].dim() else hosts[i][0].numel() for i in idx],
-            )  # fmt: skip
-            for k, i in enumerate(idx):
-                result[i], finite[i] = dst[k], ok[k]
-    if generic:
-        hs = [hosts[i] for i in generic]
-        views = [_alpha_view(alphas, columns[i], axes[i], hosts[i]).to(hosts[i]) for i in generic]
-        # (1/m) sum_j (a_j h + (1 - a_j) p_j) = mean_j(a_j) h + sum_j ((1 - a_j) / m) p_j
-        acc = torch._foreach_mul(hs, [v.mean(0) for v in views])
-        for j, p in enumerate(peers):
-            torch._foreach_addcmul_(acc, [p[i] for i in generic], [(1 - v[j]) / m for v in views])
-        norms = torch._foreach_norm(hs + [p[i] for p in peers for i in generic], math.inf)
-        ok = torch.stack(norms).isfinite().view(m + 1, len(generic)).all(0)
-        for k, i in enumerate(generic):
-            if out[i] is not None:
-                out[i].copy_(acc[k])
-                acc[k] = out[i]
-            result[i], finite[i] = acc[k], ok[k]
-    for i in range(T):
-        if result[i] is None:
-            h = hosts[i]
-            ax = axes[i]
-            a = _alpha_view(alphas, columns[i], ax, h)
-            per_peer = [a[j].reshape(-1) if ax is not None else a[j].reshape(()) for j in range(m)]
-            result[i] = mix(h, [p[i] for p in peers], per_peer, axis=ax)
-            checks = [torch.isfinite(t).all() for t in (h, *(p[i].to(h.device) for p in peers))]
-            finite[i] = torch.stack(checks).all()
-    return result, torch.stack([f.to(hosts[0].device) for f in finite])  # type: ignore[misc]
+    if plan is None:
+        plan = MixPlan(hosts, peers, columns, axes)
+    return plan.run(hosts, peers, alphas, out)

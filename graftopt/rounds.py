@@ -88,6 +88,15 @@ def _fits(buffer: Tensor, t: Tensor) -> bool:
     return same and buffer.dtype == t.dtype and buffer.device == t.device
 
 
+def _layout(tensors: Sequence[Tensor]) -> tuple:
+    """What a plan built for ``tensors`` depends on: per tensor its memory, layout and dtype.
+
+    Tensors replaced after wrapping (``model.to()``, ``load_state_dict``, a new ``.data``) differ
+    in some entry, so a plan made for the old ones is never used for them.
+    """
+    return tuple([(t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors])
+
+
 class Grafter:
     """Blends one host with its peers, unit by unit.
 
@@ -122,6 +131,15 @@ class Grafter:
         # Blend destinations, reused from round to round on CPU: the one copy simultaneity
         # needs, without fresh allocations each round.
         self._out: list[Tensor | None] = [None] * len(self.names)
+        self._unit_names = tuple(u.name for u in self.units)
+        # Work that depends only on the layout of the tensors, done once per layout and used
+        # while :func:`_layout` of the round's tensors matches the key it was made for.
+        self._score_plans: dict[tuple, tuple] = {}  # scores of one model's tensors
+        self._used_plans: dict[tuple, tuple] = {}  # those used this round
+        self._host_plan: tuple | None = None  # (key, columns, axes, lengths)
+        self._fit: tuple | None = None  # (host key, which kept buffers fit)
+        self._out_key: tuple | None = None  # the host key the kept buffers were made for
+        self._mix: tuple | None = None  # (key, F.MixPlan)
 
     def live(self) -> list[Tensor]:
         """The host's unit tensors themselves (the ones a round writes)."""
@@ -130,8 +148,6 @@ class Grafter:
     def _scores(
         self, tensors: Sequence[Tensor], level: str, criterion: str
     ) -> tuple[Tensor, list[int]]:
-        if criterion == "entropy":
-            return self._entropy_scores(tensors, level)
         rows = []
         for u in self.units:
             idx = [self._index[n] for n in u.scored]
@@ -143,46 +159,84 @@ class Grafter:
         lengths = torch.tensor(sizes, device=flat.device)
         return torch.segment_reduce(flat.abs(), "mean", lengths=lengths), slots
 
-    def _entropy_scores(self, tensors: Sequence[Tensor], level: str) -> tuple[Tensor, list[int]]:
-        """Every unit's entropy (per filter at filter level) in one batched call."""
-        sources, rows = [], []
-        for u in self.units:
-            scored = [tensors[self._index[n]].detach() for n in u.scored]
+    def _entropy_plan(self, tensors: Sequence[Tensor], level: str) -> tuple:
+        """How every unit's entropy is read from tensors of this layout, and its row count."""
+        spec: list[int | tuple[list[int], list[int | None]]] = []
+        rows, fresh = [], []
+        for k, u in enumerate(self.units):
+            idx = [self._index[n] for n in u.scored]
             ax = u.axis_of(u.scored[0]) or 0
-            if len(scored) == 1 and (level == "layer" or ax == 0):
-                t = scored[0]  # scored where it lies, whatever its layout
+            first = tensors[idx[0]]
+            if len(idx) == 1 and (level == "layer" or ax == 0):
+                spec.append(idx[0])  # scored where it lies, whatever its layout
+                rows.append(1 if level == "layer" or first.dim() == 0 else first.shape[0])
             else:
-                t = _rows(scored, [u.axis_of(n) for n in u.scored])  # (filters, values)
-            sources.append(t)
-            rows.append(1 if level == "layer" or t.dim() == 0 else t.shape[0])
-        return F.entropies(sources, rows=rows, bins=self.settings.bins), rows
+                spec.append((idx, [u.axis_of(n) for n in u.scored]))  # (filters, values)
+                fresh.append(k)
+                rows.append(1 if level == "layer" else first.shape[ax])
+        direct = None if fresh else [s for s in spec if isinstance(s, int)]
+        sources = self._sources(tensors, spec, direct)
+        plan = F.EntropyPlan(sources, rows=rows, bins=self.settings.bins, fresh=fresh)
+        return spec, direct, rows, plan
+
+    @staticmethod
+    def _sources(
+        tensors: Sequence[Tensor], spec: Sequence, direct: list[int] | None
+    ) -> list[Tensor]:
+        if direct is not None:
+            return [tensors[i] for i in direct]
+        return [
+            tensors[s] if isinstance(s, int) else _rows([tensors[i] for i in s[0]], s[1])
+            for s in spec
+        ]
+
+    def _entropy_scores(
+        self, tensors: Sequence[Tensor], level: str, key: tuple
+    ) -> tuple[Tensor, list[int]]:
+        """Every unit's entropy (per filter at filter level) in one batched call."""
+        plan = self._score_plans.get(key) or self._entropy_plan(tensors, level)
+        self._used_plans[key] = plan
+        spec, direct, rows, entropies = plan
+        return entropies(self._sources(tensors, spec, direct)), rows
 
     def _cached_scores(
-        self, tensors: Sequence[Tensor], cache: dict | None
+        self, tensors: Sequence[Tensor], cache: dict | None, layout: tuple | None = None
     ) -> tuple[Tensor, list[int]]:
         s = self.settings
         criterion = "entropy" if s.criterion == "bn" else s.criterion
-        if cache is None:
+        if cache is None and criterion != "entropy":
             return self._scores(tensors, s.level, criterion)
         # Within one commit no tensor changes, so a model scored as a host is not scored again
         # as another host's peer.
-        key = (
-            s.level,
-            criterion,
-            s.bins,
-            *((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors),
-        )
-        if key not in cache:
-            cache[key] = self._scores(tensors, s.level, criterion)
-        return cache[key]
+        key = (s.level, criterion, s.bins, _layout(tensors) if layout is None else layout)
+        if cache is not None and key in cache:
+            if key in self._score_plans:  # kept for the rounds where this grafter scores it
+                self._used_plans[key] = self._score_plans[key]
+            return cache[key]
+        if criterion == "entropy":
+            scores = self._entropy_scores(tensors, s.level, key)
+        else:
+            scores = self._scores(tensors, s.level, criterion)
+        if cache is not None:
+            cache[key] = scores
+        return scores
 
     def _alphas(
-        self, host: Sequence[Tensor], peers: Sequence[Sequence[Tensor]], cache: dict | None = None
+        self,
+        host: Sequence[Tensor],
+        peers: Sequence[Sequence[Tensor]],
+        cache: dict | None = None,
+        layouts: Sequence[tuple] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        """``layouts``: :func:`_layout` of the host and of each peer, when the caller has them."""
         s = self.settings
-        h_scores, slots = self._cached_scores(host, cache)
+        lay = [None] * (len(peers) + 1) if layouts is None else layouts
+        h_scores, slots = self._cached_scores(host, cache, lay[0])
         p_scores = torch.stack(
-            [self._cached_scores(p, cache)[0].to(h_scores.device) for p in peers]
+            [
+                self._cached_scores(p, cache, q)[0].to(h_scores.device)
+                for p, q in zip(peers, lay[1:], strict=True)
+            ]
         )
         alphas = F.graft_alpha(h_scores.unsqueeze(0), p_scores, A=s.A, c=s.c)
         if s.criterion == "bn":
@@ -238,29 +292,53 @@ class Grafter:
         ``cache`` (one dict per commit) shares the scores of a model between the hosts that
         read it in one round. The values are valid until the next call.
         """
-        h_scores, p_scores, alphas, slots = self._alphas(host, peers, cache)
+        layouts = [_layout(host), *(_layout(p) for p in peers)]
+        self._used_plans = {}
+        try:
+            h_scores, p_scores, alphas, slots = self._alphas(host, peers, cache, layouts)
+        finally:
+            # Plans of tensors no longer read are dropped.
+            self._score_plans = self._used_plans
+        host_key = (self.settings, layouts[0], tuple(slots))
+        if self._host_plan is None or self._host_plan[0] != host_key:
+            columns, axes = self._columns(host, slots)
+            lengths = torch.tensor(slots, device=alphas.device)
+            self._host_plan = (host_key, columns, axes, lengths)
+        _, columns, axes, lengths = self._host_plan
         table = alphas
         if self.settings.level == "filter":
-            lengths = torch.tensor(slots, device=alphas.device)
+            lengths = lengths.to(alphas.device)
             means = torch.segment_reduce(alphas.t().contiguous(), "mean", lengths=lengths).t()
             table = torch.cat([alphas, means], dim=1)
-        columns, axes = self._columns(host, slots)
-        out = [
-            o if o is not None and _fits(o, h) else None
-            for o, h in zip(self._out, host, strict=True)
-        ]
-        values, finite = F.mix_many(host, peers, table, columns, axes, out=out)
+        out = self._kept(host, host_key)
+        mix_key = (host_key, *layouts[1:])
+        if self._mix is None or self._mix[0] != mix_key:
+            self._mix = (mix_key, F.MixPlan(host, peers, columns, axes))
+        values, finite = F.mix_many(host, peers, table, columns, axes, out=out, plan=self._mix[1])
         # Kept only on CPU, where fresh buffers cost page faults; CUDA's caching allocator
         # already reuses memory, and keeping them there would hold a weight copy between rounds.
         on_cpu = bool(values) and values[0].device.type == "cpu"
         self._out = list(values) if on_cpu else [None] * len(self.names)
+        self._out_key = host_key
         unit_of = self._unit_of.to(finite.device)
         unit_ok = torch.ones(len(self.units), dtype=torch.bool, device=finite.device)
         unit_ok = unit_ok.scatter_reduce(0, unit_of, finite, "amin")
-        record = RoundRecord(
-            0, 0, tuple(u.name for u in self.units), tuple(slots), h_scores, p_scores, alphas
-        )
+        record = RoundRecord(0, 0, self._unit_names, tuple(slots), h_scores, p_scores, alphas)
         return Blend(values, unit_ok, record)
+
+    def _kept(self, host: Sequence[Tensor], host_key: tuple) -> list[Tensor | None]:
+        """The kept blend buffers that can take this round's blends (None for the others)."""
+        if self._fit is not None and self._fit[0] == host_key:
+            # A blend's buffer takes the layout of its host, so buffers made for hosts of this
+            # layout fit as they did when checked.
+            fit = self._fit[1]
+            if fit is True:
+                return self._out
+            return [o if ok else None for o, ok in zip(self._out, fit, strict=True)]
+        fit = [o is not None and _fits(o, h) for o, h in zip(self._out, host, strict=True)]
+        if self._out_key == host_key and all(o is not None for o in self._out):
+            self._fit = (host_key, True if all(fit) else fit)
+        return [o if ok else None for o, ok in zip(self._out, fit, strict=True)]
 
     def skipped(self, blend: Blend) -> tuple[str, ...]:
         """Names of the units left as they were (reads ``unit_ok``: the round's one host sync)."""
@@ -279,6 +357,9 @@ class Grafter:
         ok = blend.unit_ok[self._unit_of.to(blend.unit_ok.device)]
         if ok.device.type == "cpu":
             # On CPU the flags are already in host memory: reading them waits for nothing.
+            if snapshot is None and all(blend.unit_ok.tolist()):
+                torch._foreach_copy_(live, blend.values)
+                return
             keep = [i for i, good in enumerate(ok.tolist()) if good]
             if snapshot is None:
                 torch._foreach_copy_([live[i] for i in keep], [blend.values[i] for i in keep])

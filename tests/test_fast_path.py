@@ -270,3 +270,45 @@ def test_cuda_paths_equal_cpu():
     assert ok.all()
     for g_, w in zip(got, want, strict=True):
         torch.testing.assert_close(g_.cpu(), w, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("level", ["layer", "filter"])
+def test_round_plan_follows_changed_tensors(level):
+    """A grafter reuses its per-layout work round after round, never for tensors it no longer
+    fits: each round equals a new grafter's, bit for bit, whatever changed in between."""
+    host, peer = make_net(0), make_net(1)
+    units = GenericAdapter().units(host)
+    settings = GraftSettings(level=level)
+    g = Grafter(host, units, ModulePeers([peer]), settings)
+
+    def check() -> None:
+        got = g.blend(g.live(), g.peers.fetch(g.names))
+        fresh = Grafter(host, units, ModulePeers([peer]), settings)
+        want = fresh.blend(fresh.live(), fresh.peers.fetch(fresh.names))
+        assert torch.equal(got.record.alphas, want.record.alphas)
+        assert torch.equal(got.unit_ok, want.unit_ok)
+        for a, b in zip(got.values, want.values, strict=True):
+            assert a.dtype == b.dtype and a.stride() == b.stride()
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        g.write(got)
+
+    check()
+    check()  # same tensors, new values (the write)
+    with torch.no_grad():
+        host.conv1.weight.mul_(1.5)  # in place: same memory
+    check()
+    host.to(memory_format=torch.channels_last)  # new memory and strides
+    check()
+    peer.double()  # new dtype on one side
+    check()
+    w = host.fc.weight
+    w.data = w.data.t().contiguous().t()  # same tensor object, new strides (not dense)
+    check()
+    w.data = w.data.clone()  # same tensor object and layout, new memory
+    check()
+    with torch.no_grad():
+        peer.conv1.weight[0, 0, 0, 0] = float("nan")
+    check()
+    with torch.no_grad():
+        peer.conv1.weight[0, 0, 0, 0] = 0.0
+    check()

@@ -26,7 +26,15 @@ from torch import Tensor
 
 from ._cpu_src import SOURCE
 
-__all__ = ["DTYPES", "available", "library", "mix_into", "segment_histogram"]
+__all__ = [
+    "DTYPES",
+    "Histogram",
+    "Mix",
+    "available",
+    "library",
+    "mix_into",
+    "segment_histogram",
+]
 
 # dtype codes shared with the C source.
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
@@ -115,6 +123,45 @@ def dense(t: Tensor) -> bool:
     return False
 
 
+class Histogram:
+    """:func:`segment_histogram`'s argument arrays, built once for sources of one layout.
+
+    Run it again while the sources keep their layout and data pointers; a source replaced by a
+    new tensor of the same layout (a fresh copy each round) is swapped in with :meth:`point`.
+    """
+
+    def __init__(self, sources: Sequence[Tensor], rows: Sequence[int]) -> None:
+        self.count = len(sources)
+        self.total = sum(rows)
+        self.ptrs = _addresses(sources)
+        self.nrows = torch.tensor(list(rows), dtype=torch.int64)
+        self.row_len = torch.tensor(
+            [t.numel() // r if r else 0 for t, r in zip(sources, rows, strict=True)],
+            dtype=torch.int64,
+        )
+        self.codes = torch.tensor([DTYPES[t.dtype] for t in sources], dtype=torch.int32)
+
+    def point(self, k: int, source: Tensor) -> None:
+        """Read source ``k`` from ``source`` (of the layout it was built with) from now on."""
+        self.ptrs[k] = source.data_ptr()
+
+    def run(self, bins: int) -> tuple[Tensor, Tensor]:
+        """``counts`` and ``finite`` as :func:`segment_histogram` returns them."""
+        lib = library()
+        if lib is None:
+            raise RuntimeError("the graftopt C kernels are not available")
+        counts = torch.empty(self.total, bins, dtype=torch.int64)
+        finite = torch.empty(self.total, dtype=torch.uint8)
+        rc = lib.graft_segment_hist(
+            self.count, self.ptrs.data_ptr(), self.nrows.data_ptr(), self.row_len.data_ptr(),
+            self.codes.data_ptr(), bins, counts.data_ptr(), finite.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            raise RuntimeError(f"graft_segment_hist failed with code {rc}")
+        return counts, finite.bool()
+
+
 def segment_histogram(
     sources: Sequence[Tensor], rows: Sequence[int], *, bins: int
 ) -> tuple[Tensor, Tensor]:
@@ -130,25 +177,54 @@ def segment_histogram(
         ``counts`` int64 ``(S, bins)`` and ``finite`` bool ``(S,)`` (no NaN or Inf in the row),
         with ``S = sum(rows)``.
     """
-    lib = library()
-    if lib is None:
+    if library() is None:
         raise RuntimeError("the graftopt C kernels are not available")
-    total = sum(rows)
-    counts = torch.empty(total, bins, dtype=torch.int64)
-    finite = torch.empty(total, dtype=torch.uint8)
-    ptrs = _addresses(sources)
-    nrows = torch.tensor(list(rows), dtype=torch.int64)
-    row_len = torch.tensor(
-        [t.numel() // r if r else 0 for t, r in zip(sources, rows, strict=True)], dtype=torch.int64
-    )
-    codes = torch.tensor([DTYPES[t.dtype] for t in sources], dtype=torch.int32)
-    rc = lib.graft_segment_hist(
-        len(sources), ptrs.data_ptr(), nrows.data_ptr(), row_len.data_ptr(), codes.data_ptr(),
-        bins, counts.data_ptr(), finite.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    if rc:
-        raise RuntimeError(f"graft_segment_hist failed with code {rc}")
-    return counts, finite.bool()
+    return Histogram(sources, rows).run(bins)
+
+
+class Mix:
+    """:func:`mix_into`'s argument arrays, built once for tensors of one layout.
+
+    Run it again while hosts and peers keep their layout and data pointers; new destinations
+    are taken with :meth:`aim`.
+    """
+
+    def __init__(
+        self,
+        out: Sequence[Tensor],
+        hosts: Sequence[Tensor],
+        peers: Sequence[Sequence[Tensor]],
+        offsets: Sequence[int],
+        row_len: Sequence[int],
+    ) -> None:
+        self.count, self.peers = len(hosts), len(peers)
+        self.out = _addresses(out)
+        self.hosts = _addresses(hosts)
+        self.peer_ptrs = _addresses([t for p in peers for t in p])
+        self.numel = torch.tensor([t.numel() for t in hosts], dtype=torch.int64)
+        self.row_len = torch.tensor(list(row_len), dtype=torch.int64)
+        self.offsets = torch.tensor(list(offsets), dtype=torch.int64)
+        self.code = DTYPES[hosts[0].dtype] if hosts else 0
+
+    def aim(self, out: Sequence[Tensor]) -> None:
+        """Write into ``out`` (of the hosts' layout) from now on."""
+        self.out = _addresses(out)
+
+    def run(self, alpha: Tensor) -> Tensor:
+        """The blend into the destinations; the finite flags as :func:`mix_into` returns them."""
+        lib = library()
+        if lib is None:
+            raise RuntimeError("the graftopt C kernels are not available")
+        alpha = alpha.detach().to(torch.float32).contiguous()
+        finite = torch.empty(self.count, dtype=torch.uint8)
+        arrays = (self.out, self.hosts, self.peer_ptrs, self.numel, self.row_len, self.offsets)
+        rc = lib.graft_mix(
+            self.count, *(k.data_ptr() for k in arrays), alpha.data_ptr(), alpha.shape[1],
+            self.peers, self.code, finite.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            raise RuntimeError(f"graft_mix failed with code {rc}")
+        return finite.bool()
 
 
 def mix_into(
@@ -173,23 +249,6 @@ def mix_into(
     Returns:
         bool ``(T,)``: per tensor, whether the host and every peer were finite.
     """
-    lib = library()
-    if lib is None:
+    if library() is None:
         raise RuntimeError("the graftopt C kernels are not available")
-    n, m = len(hosts), len(peers)
-    alpha = alpha.detach().to(torch.float32).contiguous()
-    finite = torch.empty(n, dtype=torch.uint8)
-    keep = (
-        _addresses(out), _addresses(hosts), _addresses([t for p in peers for t in p]),
-        torch.tensor([t.numel() for t in hosts], dtype=torch.int64),
-        torch.tensor(list(row_len), dtype=torch.int64),
-        torch.tensor(list(offsets), dtype=torch.int64),
-    )  # fmt: skip
-    code = DTYPES[hosts[0].dtype] if n else 0
-    rc = lib.graft_mix(
-        n, *(k.data_ptr() for k in keep), alpha.data_ptr(), alpha.shape[1], m, code,
-        finite.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    if rc:
-        raise RuntimeError(f"graft_mix failed with code {rc}")
-    return finite.bool()
+    return Mix(out, hosts, peers, offsets, row_len).run(alpha)
