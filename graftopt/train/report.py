@@ -43,22 +43,28 @@ def _style(kind: str) -> dict[str, Any]:
     }.get(kind, {})
 
 
-def _accuracy(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _curves(ax: Any, rows: list[dict[str, Any]], key: str) -> None:
+    """One line per network: ``key`` over epochs, styled by the network's kind."""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     kinds = {}
     for r in rows:
-        series[r["network"]].append((r["epoch"], r["top1"]))
-        kinds[r["network"]] = r["kind"]
+        if r.get(key) is not None:
+            series[r["network"]].append((r["epoch"], r[key]))
+            kinds[r["network"]] = r["kind"]
     for name, points in series.items():
         points.sort()
         ax.plot(
             [e for e, _ in points],
-            [a for _, a in points],
+            [v for _, v in points],
             label=name,
             markersize=3,
             **_style(kinds[name]),
         )
+
+
+def _accuracy(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _curves(ax, rows, "top1")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_ylabel("validation top-1 (%)")
@@ -112,21 +118,7 @@ def _alphas(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
 def _invalid(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for ax, key in zip(axes, ("invalid_0.1", "invalid_0.01"), strict=True):
-        series: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        kinds = {}
-        for r in rows:
-            if r.get(key) is not None:
-                series[r["network"]].append((r["epoch"], r[key]))
-                kinds[r["network"]] = r["kind"]
-        for name, points in series.items():
-            points.sort()
-            ax.plot(
-                [e for e, _ in points],
-                [v for _, v in points],
-                label=name,
-                markersize=3,
-                **_style(kinds[name]),
-            )
+        _curves(ax, rows, key)
         ax.set_title(f"invalid filters (l1 < {key.split('_')[1]})")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(_integer_ticks())
