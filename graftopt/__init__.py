@@ -11,6 +11,7 @@ from .optimizer import ring as ring
 from .peers import ModulePeers as ModulePeers
 from .peers import PeerSource as PeerSource
 from .rounds import GraftSettings as GraftSettings
+from .rounds import graft_ as graft_
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "RoundRecord",
     "adapters",
     "functional",
+    "graft_",
     "invalid_filters",
     "models",
     "ring",

@@ -20,11 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .adapters.base import TensorRefs, Unit, tensor_table
+from .adapters import Adapter, get_adapter
+from .adapters.base import TensorRefs, Unit, tensor_table, unwrap
 from .diagnostics import RoundRecord
-from .peers import _SNAPSHOTS, PeerSource, read_tensors
+from .peers import _SNAPSHOTS, ModulePeers, PeerSource, read_tensors
 
-__all__ = ["Blend", "GraftSettings", "Grafter", "Participant"]
+__all__ = ["Blend", "GraftSettings", "Grafter", "Participant", "graft_"]
 
 LEVELS = ("layer", "filter")
 CRITERIA = ("entropy", "l1", "bn")
@@ -373,24 +374,51 @@ class Grafter:
                 new = t + (new - snapshot[self.names[i]])
             torch.where(good, new, t, out=t)
 
-    @torch.no_grad()
-    def compute(
-        self, host: Sequence[Tensor], peers: Sequence[Sequence[Tensor]]
-    ) -> tuple[list[Tensor | None], RoundRecord]:
-        """Blend without writing: per tensor the new value, or None where its unit is skipped.
 
-        The returned record has ``round`` and ``step`` set to 0; the caller fills them in.
-        Unlike :meth:`blend`, this reads the skip flags on the host and returns fresh tensors.
-        """
-        b = self.blend(host, peers)
-        self._out = [None] * len(self.names)  # the caller keeps these values
-        skipped = self.skipped(b)
-        bad = {u.name for u in self.units} & set(skipped)
-        out: list[Tensor | None] = [
-            None if self.units[k].name in bad else v
-            for k, v in zip(self._unit_of.tolist(), b.values, strict=True)
-        ]
-        return out, dataclasses.replace(b.record, skipped=skipped)
+def graft_(
+    host: nn.Module,
+    peers: Sequence[nn.Module],
+    *,
+    A: float = 0.4,
+    c: float = 500.0,
+    bins: int = 10,
+    level: str = "layer",
+    criterion: str = "entropy",
+    adapter: Adapter | None = None,
+) -> RoundRecord:
+    """Graft ``host`` from ``peers`` once, now: one round of :class:`GraftOptimizer`, as a call.
+
+    For loops of one's own: the peers are read as they are and never written; the host is
+    blended in place, unit by unit, with the same math, checks and NaN/Inf handling as a
+    round of the optimizer. Arguments are those of :class:`~graftopt.GraftOptimizer`.
+
+    Example::
+
+        record = graftopt.graft_(model, [peer1, peer2], level="filter")
+        print(record.mean_alpha())
+    """
+    host = unwrap(host)
+    adapter = adapter if adapter is not None else get_adapter(host)
+    units = adapter.units(host)
+    source = ModulePeers(list(peers))
+    source.bind(host, units, adapter)
+    grafter = Grafter(host, units, source, GraftSettings(A, c, bins, level, criterion))
+    blend = grafter.blend(read_tensors(host, grafter.names), source.fetch(grafter.names))
+    grafter.write(blend)
+    record = dataclasses.replace(blend.record, skipped=grafter.skipped(blend))
+    _warn_skipped(record, host, stacklevel=3)
+    return record
+
+
+def _warn_skipped(record: RoundRecord, host: nn.Module, stacklevel: int) -> None:
+    if record.skipped:
+        warnings.warn(
+            f"graft round {record.round or ''}: units {list(record.skipped)} of "
+            f"{type(host).__name__} hold NaN or Inf in the host or a peer and were left as "
+            "they were",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 _REGISTRY: dict[int, weakref.ref[Participant]] = {}
@@ -516,11 +544,5 @@ def _commit(group: Sequence[Participant], r: int) -> None:
         rec = dataclasses.replace(
             blend.record, round=r, step=r * p.every, skipped=p.grafter.skipped(blend)
         )
-        if rec.skipped:
-            warnings.warn(
-                f"graft round {r}: units {list(rec.skipped)} of {type(p.host).__name__} hold NaN "
-                "or Inf in the host or a peer and were left as they were",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        _warn_skipped(rec, p.host, stacklevel=4)
         p.on_round(rec)

@@ -557,3 +557,22 @@ def test_round_follows_tensors_replaced_after_wrapping(nets):
         host.bn1.running_mean, expected["bn1.running_mean"], atol=2e-5, rtol=0
     )
     assert host.bn1.running_mean.dtype == torch.float64
+
+
+def test_functional_graft_equals_one_round(nets):
+    host, peers = nets[0], nets[1:3]
+    before = [_state(p) for p in peers]
+    expected = ref_graft(host, peers)
+    record = graftopt.graft_(host, peers)
+    for name, value in host.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            torch.testing.assert_close(value.double(), expected[name], atol=2e-5, rtol=1e-5)
+    assert record.units == tuple(SMALLNET_UNITS) and record.alphas.shape == (2, 4)
+    for p, b in zip(peers, before):
+        assert all(torch.equal(v, b[k]) for k, v in p.state_dict().items())
+    with torch.no_grad():
+        peers[0].fc.bias[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="fc"):
+        assert graftopt.graft_(host, peers, level="filter").skipped == ("fc",)
+    with pytest.raises(ValueError, match="peer 0"):
+        graftopt.graft_(host, [make_net(0, classes=5)])
