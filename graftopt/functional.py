@@ -145,8 +145,13 @@ class EntropyPlan:
 
     def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
         """The entropies of ``tensors``, as :func:`entropies` gives them."""
+        return self.run(tensors)[0]
+
+    def run(self, tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The entropies, and per row whether it is free of NaN and Inf (``None`` where the
+        path in use does not tell)."""
         if not tensors:
-            return torch.zeros(0)
+            return torch.zeros(0), None
         if self.ck is not None:
             srcs = list(tensors)
             for i in self.convert:
@@ -156,10 +161,10 @@ class EntropyPlan:
             else:
                 for i in self.repoint:
                     self.histogram.point(i, srcs[i])
-            counts, _ = self.histogram.run(self.bins)
-            return _entropy_of_counts(counts, self.counts_of)
+            counts, finite = self.histogram.run(self.bins)
+            return _entropy_of_counts(counts, self.counts_of), finite
         flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
-        return segment_entropy(flat, self.sizes, bins=self.bins)
+        return segment_entropy(flat, self.sizes, bins=self.bins), None
 
 
 def entropies(

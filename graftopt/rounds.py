@@ -23,9 +23,10 @@ from . import functional as F
 from .adapters import Adapter, get_adapter
 from .adapters.base import TensorRefs, Unit, tensor_table, unwrap
 from .diagnostics import RoundRecord
+from .inplace import InPlaceRound, in_place_round
 from .peers import _SNAPSHOTS, ModulePeers, PeerSource, read_tensors
 
-__all__ = ["Blend", "GraftSettings", "Grafter", "Participant", "graft_"]
+__all__ = ["Blend", "GraftSettings", "Grafter", "Participant", "RoundPlan", "graft_"]
 
 LEVELS = ("layer", "filter")
 CRITERIA = ("entropy", "l1", "bn")
@@ -83,6 +84,33 @@ class Blend:
     record: RoundRecord
 
 
+# A model's unit scores, filter counts per unit, and which units' scored tensors are finite.
+_Scores = tuple[Tensor, list[int], Tensor | None]
+
+
+@dataclass
+class RoundPlan:
+    """A scored and weighed, not yet blended, round of one host (see :meth:`Grafter.plan`).
+
+    Attributes:
+        host, peers: the tensors the round reads.
+        table: float32 ``(peers, columns)`` alphas as the mix reads them.
+        record: the round's record.
+        key: what the plan depends on (settings, the layout of the host and of each peer).
+        mixer: how the tensors blend.
+        scored_finite: per model (host first), per unit whether its scored tensors are finite,
+            or ``None`` where the scoring path does not tell.
+    """
+
+    host: Sequence[Tensor]
+    peers: Sequence[Sequence[Tensor]]
+    table: Tensor
+    record: RoundRecord
+    key: tuple
+    mixer: F.MixPlan
+    scored_finite: list[Tensor | None]
+
+
 def _fits(buffer: Tensor, t: Tensor) -> bool:
     """Whether a kept blend buffer can take ``t``'s blend."""
     same = buffer.shape == t.shape and buffer.stride() == t.stride()
@@ -129,6 +157,13 @@ class Grafter:
         self._index = {n: i for i, n in enumerate(self.names)}
         self._refs = TensorRefs(host, self.names)
         self._unit_of = torch.tensor([k for k, u in enumerate(self.units) for _ in u.members])
+        # Members no score reads: their NaN/Inf check is a pass of its own.
+        self._unscored = [
+            i
+            for i, (u, n) in enumerate((u, n) for u in self.units for n in u.members)
+            if n not in u.scored
+        ]
+        self._scored_finite: list[Tensor | None] = []
         # Blend destinations, reused from round to round on CPU: the one copy simultaneity
         # needs, without fresh allocations each round.
         self._out: list[Tensor | None] = [None] * len(self.names)
@@ -146,9 +181,7 @@ class Grafter:
         """The host's unit tensors themselves (the ones a round writes)."""
         return self._refs.get()
 
-    def _scores(
-        self, tensors: Sequence[Tensor], level: str, criterion: str
-    ) -> tuple[Tensor, list[int]]:
+    def _scores(self, tensors: Sequence[Tensor], level: str, criterion: str) -> _Scores:
         rows = []
         for u in self.units:
             idx = [self._index[n] for n in u.scored]
@@ -158,7 +191,7 @@ class Grafter:
         flat = torch.cat([r.reshape(-1) for r in rows])
         sizes = [r.shape[1] for r in rows for _ in range(r.shape[0])]
         lengths = torch.tensor(sizes, device=flat.device)
-        return torch.segment_reduce(flat.abs(), "mean", lengths=lengths), slots
+        return torch.segment_reduce(flat.abs(), "mean", lengths=lengths), slots, None
 
     def _entropy_plan(self, tensors: Sequence[Tensor], level: str) -> tuple:
         """How every unit's entropy is read from tensors of this layout, and its row count."""
@@ -178,7 +211,8 @@ class Grafter:
         direct = None if fresh else [s for s in spec if isinstance(s, int)]
         sources = self._sources(tensors, spec, direct)
         plan = F.EntropyPlan(sources, rows=rows, bins=self.settings.bins, fresh=fresh)
-        return spec, direct, rows, plan
+        unit_of_row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
+        return spec, direct, rows, plan, unit_of_row
 
     @staticmethod
     def _sources(
@@ -191,18 +225,20 @@ class Grafter:
             for s in spec
         ]
 
-    def _entropy_scores(
-        self, tensors: Sequence[Tensor], level: str, key: tuple
-    ) -> tuple[Tensor, list[int]]:
+    def _entropy_scores(self, tensors: Sequence[Tensor], level: str, key: tuple) -> _Scores:
         """Every unit's entropy (per filter at filter level) in one batched call."""
         plan = self._score_plans.get(key) or self._entropy_plan(tensors, level)
         self._used_plans[key] = plan
-        spec, direct, rows, entropies = plan
-        return entropies(self._sources(tensors, spec, direct)), rows
+        spec, direct, rows, entropies, unit_of_row = plan
+        scores, finite = entropies.run(self._sources(tensors, spec, direct))
+        if finite is not None:
+            ok = torch.ones(len(rows), dtype=torch.bool, device=finite.device)
+            finite = ok.scatter_reduce(0, unit_of_row.to(finite.device), finite, "amin")
+        return scores, rows, finite
 
     def _cached_scores(
         self, tensors: Sequence[Tensor], cache: dict | None, layout: tuple | None = None
-    ) -> tuple[Tensor, list[int]]:
+    ) -> _Scores:
         s = self.settings
         criterion = "entropy" if s.criterion == "bn" else s.criterion
         if cache is None and criterion != "entropy":
@@ -229,16 +265,17 @@ class Grafter:
         cache: dict | None = None,
         layouts: Sequence[tuple] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-        """``layouts``: :func:`_layout` of the host and of each peer, when the caller has them."""
+        """``layouts``: :func:`_layout` of the host and of each peer, when the caller has them.
+
+        Leaves in ``_scored_finite``, per model (host first), which units' scored tensors are
+        free of NaN and Inf (``None`` where the scoring path does not tell).
+        """
         s = self.settings
         lay = [None] * (len(peers) + 1) if layouts is None else layouts
-        h_scores, slots = self._cached_scores(host, cache, lay[0])
-        p_scores = torch.stack(
-            [
-                self._cached_scores(p, cache, q)[0].to(h_scores.device)
-                for p, q in zip(peers, lay[1:], strict=True)
-            ]
-        )
+        h_scores, slots, h_finite = self._cached_scores(host, cache, lay[0])
+        scored = [self._cached_scores(p, cache, q) for p, q in zip(peers, lay[1:], strict=True)]
+        p_scores = torch.stack([sc[0].to(h_scores.device) for sc in scored])
+        self._scored_finite = [h_finite, *(sc[2] for sc in scored)]
         alphas = F.graft_alpha(h_scores.unsqueeze(0), p_scores, A=s.A, c=s.c)
         if s.criterion == "bn":
             # Units without a norm scale keep the filter-level entropy alpha.
@@ -281,17 +318,17 @@ class Grafter:
         return columns, axes
 
     @torch.no_grad()
-    def blend(
+    def plan(
         self,
         host: Sequence[Tensor],
         peers: Sequence[Sequence[Tensor]],
         *,
         cache: dict | None = None,
-    ) -> Blend:
-        """Blend without writing and without waiting for the device.
+    ) -> RoundPlan:
+        """Score and weigh a round without blending and without waiting for the device.
 
         ``cache`` (one dict per commit) shares the scores of a model between the hosts that
-        read it in one round. The values are valid until the next call.
+        read it in one round.
         """
         layouts = [_layout(host), *(_layout(p) for p in peers)]
         self._used_plans = {}
@@ -311,11 +348,36 @@ class Grafter:
             lengths = lengths.to(alphas.device)
             means = torch.segment_reduce(alphas.t().contiguous(), "mean", lengths=lengths).t()
             table = torch.cat([alphas, means], dim=1)
-        out = self._kept(host, host_key)
         mix_key = (host_key, *layouts[1:])
         if self._mix is None or self._mix[0] != mix_key:
             self._mix = (mix_key, F.MixPlan(host, peers, columns, axes))
-        values, finite = F.mix_many(host, peers, table, columns, axes, out=out, plan=self._mix[1])
+        record = RoundRecord(0, 0, self._unit_names, tuple(slots), h_scores, p_scores, alphas)
+        return RoundPlan(host, peers, table, record, mix_key, self._mix[1], self._scored_finite)
+
+    @torch.no_grad()
+    def blend(
+        self,
+        host: Sequence[Tensor],
+        peers: Sequence[Sequence[Tensor]],
+        *,
+        cache: dict | None = None,
+    ) -> Blend:
+        """Blend without writing and without waiting for the device.
+
+        ``cache`` (one dict per commit) shares the scores of a model between the hosts that
+        read it in one round. The values are valid until the next call.
+        """
+        return self.blend_planned(self.plan(host, peers, cache=cache))
+
+    @torch.no_grad()
+    def blend_planned(self, plan: RoundPlan) -> Blend:
+        """The blend of a :meth:`plan` into buffers (see :meth:`blend`)."""
+        host, peers, mixer = plan.host, plan.peers, plan.mixer
+        host_key = plan.key[0]
+        out = self._kept(host, host_key)
+        values, finite = F.mix_many(
+            host, peers, plan.table, mixer.columns, mixer.axes, out=out, plan=mixer
+        )
         # Kept only on CPU, where fresh buffers cost page faults; CUDA's caching allocator
         # already reuses memory, and keeping them there would hold a weight copy between rounds.
         on_cpu = bool(values) and values[0].device.type == "cpu"
@@ -324,8 +386,30 @@ class Grafter:
         unit_of = self._unit_of.to(finite.device)
         unit_ok = torch.ones(len(self.units), dtype=torch.bool, device=finite.device)
         unit_ok = unit_ok.scatter_reduce(0, unit_of, finite, "amin")
-        record = RoundRecord(0, 0, self._unit_names, tuple(slots), h_scores, p_scores, alphas)
-        return Blend(values, unit_ok, record)
+        return Blend(values, unit_ok, plan.record)
+
+    def unit_ok(self, plan: RoundPlan) -> Tensor:
+        """bool ``(units,)``: units whose tensors are finite in the host and in every peer,
+        read before anything is blended (CPU tensors of the C kernels' dtypes)."""
+        from .kernels import cpu
+
+        probe = self._unscored
+        ok = torch.ones(len(self.units), dtype=torch.bool)
+        for tensors, scored in zip([plan.host, *plan.peers], plan.scored_finite, strict=True):
+            idx = probe if scored is not None else range(len(self.names))
+            flags = cpu.finite([tensors[i] for i in idx])
+            ok = torch.logical_and(ok, scored) if scored is not None else ok
+            ok = ok.scatter_reduce(0, self._unit_of[list(idx)], flags, "amin")
+        return ok
+
+    def per_tensor(self, unit_flags: Tensor) -> Tensor:
+        """Per-unit flags spread to the unit's tensors (in :attr:`names` order)."""
+        return unit_flags[self._unit_of.to(unit_flags.device)]
+
+    def release(self) -> None:
+        """Drop the kept blend buffers (a round wrote in place and needs none)."""
+        self._out = [None] * len(self.names)
+        self._out_key = self._fit = None
 
     def _kept(self, host: Sequence[Tensor], host_key: tuple) -> list[Tensor | None]:
         """The kept blend buffers that can take this round's blends (None for the others)."""
@@ -341,11 +425,11 @@ class Grafter:
             self._fit = (host_key, True if all(fit) else fit)
         return [o if ok else None for o, ok in zip(self._out, fit, strict=True)]
 
-    def skipped(self, blend: Blend) -> tuple[str, ...]:
-        """Names of the units left as they were (reads ``unit_ok``: the round's one host sync)."""
-        return tuple(
-            u.name for u, ok in zip(self.units, blend.unit_ok.tolist(), strict=True) if not ok
-        )
+    def skipped(self, blend: Blend | Tensor) -> tuple[str, ...]:
+        """Names of the units left as they were, from a blend or its ``unit_ok`` (reading it is
+        the round's one host sync)."""
+        unit_ok = blend.unit_ok if isinstance(blend, Blend) else blend
+        return tuple(u.name for u, ok in zip(self.units, unit_ok.tolist(), strict=True) if not ok)
 
     @torch.no_grad()
     def write(self, blend: Blend, snapshot: dict[str, Tensor] | None = None) -> None:
@@ -403,11 +487,34 @@ def graft_(
     source = ModulePeers(list(peers))
     source.bind(host, units, adapter)
     grafter = Grafter(host, units, source, GraftSettings(A, c, bins, level, criterion))
-    blend = grafter.blend(read_tensors(host, grafter.names), source.fetch(grafter.names))
-    grafter.write(blend)
-    record = dataclasses.replace(blend.record, skipped=grafter.skipped(blend))
+    plan = grafter.plan(read_tensors(host, grafter.names), source.fetch(grafter.names))
+    (unit_ok,) = _write_round([grafter], [plan], [None])
+    record = dataclasses.replace(plan.record, skipped=grafter.skipped(unit_ok))
     _warn_skipped(record, host, stacklevel=3)
     return record
+
+
+def _write_round(
+    grafters: Sequence[Grafter],
+    plans: Sequence[RoundPlan],
+    snapshots: Sequence[dict[str, Tensor] | None],
+    kept: list[InPlaceRound | None] | None = None,
+) -> list[Tensor]:
+    """Blend and write the planned rounds of a group; per host, its ``unit_ok``.
+
+    In place where the tensors allow it (see :mod:`graftopt.inplace`), through buffers
+    otherwise. ``kept``: a one-item list holding the in-place round of an earlier call, updated.
+    """
+    if all(s is None for s in snapshots):
+        ip = in_place_round(plans, kept[0] if kept else None)
+        if kept is not None:
+            kept[0] = ip
+        if ip.possible:
+            return ip.run(grafters, plans)
+    blends = [g.blend_planned(p) for g, p in zip(grafters, plans, strict=True)]
+    for g, b, snap in zip(grafters, blends, snapshots, strict=True):
+        g.write(b, snap)
+    return [b.unit_ok for b in blends]
 
 
 def _warn_skipped(record: RoundRecord, host: nn.Module, stacklevel: int) -> None:
@@ -450,6 +557,8 @@ class Participant:
         self.arrived = 0
         self.committed = 0
         self._order = next(_ORDER)
+        # The in-place round of the group this participant leads, kept for the next rounds.
+        self.in_place: list[InPlaceRound | None] = [None]
         host = grafter.host
         other = _participant_of(host)
         if other is not None:
@@ -528,21 +637,22 @@ class Participant:
 
 
 def _commit(group: Sequence[Participant], r: int) -> None:
-    """Compute every member's blend from pre-round weights, then write them all."""
-    results = []
+    """Plan every member's blend from pre-round weights, then write them all."""
+    plans = []
     cache: dict = {}
     for p in group:
         g = p.grafter
         host = read_tensors(g.host, g.names)
         g.peers.begin_round(r, g.settings, p.every)
-        results.append((p, g.blend(host, g.peers.fetch(g.names), cache=cache)))
-    for p, blend in results:
-        p.grafter.write(blend, _SNAPSHOTS.get(p.host))
-    for p, blend in results:
+        plans.append(g.plan(host, g.peers.fetch(g.names), cache=cache))
+    grafters = [p.grafter for p in group]
+    snapshots = [_SNAPSHOTS.get(p.host) for p in group]
+    oks = _write_round(grafters, plans, snapshots, group[0].in_place)
+    for p, plan, ok in zip(group, plans, oks, strict=True):
         _SNAPSHOTS.pop(p.host, None)
         p.committed = r
         rec = dataclasses.replace(
-            blend.record, round=r, step=r * p.every, skipped=p.grafter.skipped(blend)
+            plan.record, round=r, step=r * p.every, skipped=p.grafter.skipped(ok)
         )
         _warn_skipped(rec, p.host, stacklevel=4)
         p.on_round(rec)

@@ -187,19 +187,21 @@ def test_non_finite_unit_is_skipped_with_a_warning(nets):
     assert not torch.equal(host.conv1.weight, before["conv1.weight"])
 
 
-def test_exception_inside_round_leaves_host_untouched(nets, monkeypatch):
+@pytest.mark.parametrize("path", ["buffered", "in place"])
+def test_exception_inside_round_leaves_host_untouched(nets, monkeypatch, path):
     host, peer = nets[0], nets[1]
     opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
-    calls = {"n": 0}
-    real_mix = graftopt.functional.mix_many
 
-    def failing_mix(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("boom")
-        return real_mix(*args, **kwargs)
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
 
-    monkeypatch.setattr(graftopt.functional, "mix_many", failing_mix)
+    if path == "buffered":
+        monkeypatch.setattr(graftopt.inplace.InPlaceRound, "possible", False)
+        monkeypatch.setattr(graftopt.functional, "mix_many", boom)
+    elif graftopt.kernels.cpu.available():
+        monkeypatch.setattr(graftopt.kernels.cpu.GroupMix, "run", boom)
+    else:
+        pytest.skip("the in-place round needs the C kernels")
     before = _state(host)
     with pytest.raises(RuntimeError, match="boom"):
         opt.step()

@@ -2,6 +2,7 @@
 
 SOURCE = r"""
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -213,13 +214,15 @@ int graft_segment_hist(int64_t nsrc, const int64_t *ptrs, const int64_t *rows,
     return 0;
 }
 
-/* out = (1/m) * sum_j (a_j * h + (1 - a_j) * p_j) over [a, e) of one tensor, in the order of
-   operations of graftopt.functional.mix. Row r (of rl elements) against peer j uses
-   arow[j * astride + r]. Returns a NaN/Inf probe: non-zero when h or a peer holds a NaN or Inf. */
+/* o[x - a] = (1/m) * sum_j (a_j * h[x] + (1 - a_j) * p_j[x]) for x in [a, e) of one tensor, in
+   the order of operations of graftopt.functional.mix. Row r (of rl elements) against peer j uses
+   arow[j * astride + r]; peer j is peer_ptrs[j * pstride]. Returns a NaN/Inf probe: non-zero when
+   h or a peer holds a NaN or Inf. */
 #define MIX_FN(NAME, T)                                                                            \
     CLONES static T NAME(T *o, const T *h, const int64_t *peer_ptrs, int64_t pstride, int m,       \
                          const float *arow, int64_t astride, int64_t rl, int64_t a, int64_t e) {   \
         T z = 0;                                                                                   \
+        o -= a;                                                                                    \
         for (int64_t i = a; i < e;) {                                                              \
             int64_t r = i / rl, stop = (r + 1) * rl < e ? (r + 1) * rl : e;                        \
             for (int j = 0; j < m; j++) {                                                          \
@@ -278,17 +281,109 @@ int graft_mix(int64_t ntensor, const int64_t *out_ptrs, const int64_t *host_ptrs
         int64_t rl = row_len[t] > 0 ? row_len[t] : numel[t];
         int bad;
         if (dt == 2)
-            bad = mix_f64((double *)(intptr_t)out_ptrs[t], (const double *)(intptr_t)host_ptrs[t],
-                          peer_ptrs + t, ntensor, m, alpha + aoff[t], astride, rl, a, e) != 0;
+            bad = mix_f64((double *)(intptr_t)out_ptrs[t] + a,
+                          (const double *)(intptr_t)host_ptrs[t], peer_ptrs + t, ntensor, m,
+                          alpha + aoff[t], astride, rl, a, e) != 0;
         else
-            bad = mix_f32((float *)(intptr_t)out_ptrs[t], (const float *)(intptr_t)host_ptrs[t],
-                          peer_ptrs + t, ntensor, m, alpha + aoff[t], astride, rl, a, e) != 0;
+            bad = mix_f32((float *)(intptr_t)out_ptrs[t] + a,
+                          (const float *)(intptr_t)host_ptrs[t], peer_ptrs + t, ntensor, m,
+                          alpha + aoff[t], astride, rl, a, e) != 0;
         if (bad) {
 #pragma omp atomic write
             finite[t] = 0;
         }
     }
     free(ct);
+    return 0;
+}
+/* The blends of a round group written straight into the live tensors.
+
+   Job i blends live[i] (numel[i] elements in rows of row_len[i], 0: one row) with its npeer[i]
+   peers (peer_ptrs[i * maxm + j]) using the alphas of table table_of[i] (tables[k], a float32
+   (m, astride[k]) matrix) from column col[i], and writes the result into live[i] unless skip[i].
+   Jobs are sorted into sets (set s: jobs set_start[s] .. set_start[s + 1] - 1, of one numel): a
+   job reads only its own set's live tensors or memory no job writes. Each chunk of a set is
+   blended for every job of the set into per-thread scratch before any of it is written, so every
+   blend reads pre-round values and no full-size buffer is needed. */
+#define GROUP_CHUNK 4096
+#define GROUP_FN(NAME, MIX, T)                                                                     \
+    static void NAME(const int64_t *live, const int64_t *peer_ptrs, int64_t maxm,                  \
+                     const int32_t *npeer, const int64_t *numel, const int64_t *row_len,           \
+                     const int64_t *tables, const int64_t *table_of, const int64_t *col,           \
+                     const int64_t *astride, const uint8_t *skip, const int64_t *set_start,        \
+                     const int64_t *ck_set, const int64_t *ck_start, int64_t nchunk,               \
+                     int64_t maxset, int32_t nthreads, T *scratch_all) {                           \
+        _Pragma("omp parallel num_threads(nthreads)") {                                            \
+            T *scratch = scratch_all + (size_t)omp_get_thread_num() * maxset * GROUP_CHUNK;        \
+            _Pragma("omp for schedule(dynamic, 4)") for (int64_t c = 0; c < nchunk; c++) {         \
+                int64_t s = ck_set[c], a = ck_start[c], j0 = set_start[s], j1 = set_start[s + 1];  \
+                int64_t e = a + GROUP_CHUNK < numel[j0] ? a + GROUP_CHUNK : numel[j0];             \
+                for (int64_t i = j0; i < j1; i++) {                                                \
+                    if (skip[i]) continue;                                                         \
+                    int64_t k = table_of[i], rl = row_len[i] > 0 ? row_len[i] : numel[i];          \
+                    const float *arow = (const float *)(intptr_t)tables[k] + col[i];               \
+                    MIX(scratch + (i - j0) * GROUP_CHUNK, (const T *)(intptr_t)live[i],            \
+                        peer_ptrs + i * maxm, 1, npeer[i], arow, astride[k], rl, a, e);            \
+                }                                                                                  \
+                for (int64_t i = j0; i < j1; i++)                                                  \
+                    if (!skip[i])                                                                  \
+                        memcpy((T *)(intptr_t)live[i] + a, scratch + (i - j0) * GROUP_CHUNK,       \
+                               (size_t)(e - a) * sizeof(T));                                       \
+            }                                                                                      \
+        }                                                                                          \
+    }
+GROUP_FN(group_f32, mix_f32, float)
+GROUP_FN(group_f64, mix_f64, double)
+
+int graft_group_mix(int64_t njob, const int64_t *live, const int64_t *peer_ptrs, int64_t maxm,
+                    const int32_t *npeer, const int64_t *numel, const int64_t *row_len,
+                    const int64_t *tables, const int64_t *table_of, const int64_t *col,
+                    const int64_t *astride, const uint8_t *skip, int64_t nset,
+                    const int64_t *set_start, int32_t dt, int32_t nthreads) {
+    int64_t nchunk = 0, maxset = 1;
+    for (int64_t s = 0; s < nset; s++) {
+        int64_t n = numel[set_start[s]], size = set_start[s + 1] - set_start[s];
+        nchunk += (n + GROUP_CHUNK - 1) / GROUP_CHUNK;
+        maxset = size > maxset ? size : maxset;
+    }
+    (void)njob;
+    if (nthreads < 1) nthreads = 1;
+    /* Everything is allocated before the first write: a failure leaves every tensor as it was. */
+    int64_t *ck = (int64_t *)malloc((size_t)(nchunk > 0 ? nchunk : 1) * 2 * sizeof(int64_t));
+    void *scratch = malloc((size_t)nthreads * maxset * GROUP_CHUNK * (dt == 2 ? 8 : 4));
+    if (!ck || !scratch) {
+        free(ck);
+        free(scratch);
+        return 2;
+    }
+    int64_t *ck_start = ck + nchunk, c = 0;
+    for (int64_t s = 0; s < nset; s++)
+        for (int64_t a = 0; a < numel[set_start[s]]; a += GROUP_CHUNK, c++) {
+            ck[c] = s;
+            ck_start[c] = a;
+        }
+    if (dt == 2)
+        group_f64(live, peer_ptrs, maxm, npeer, numel, row_len, tables, table_of, col, astride,
+                  skip, set_start, ck, ck_start, nchunk, maxset, nthreads, (double *)scratch);
+    else
+        group_f32(live, peer_ptrs, maxm, npeer, numel, row_len, tables, table_of, col, astride,
+                  skip, set_start, ck, ck_start, nchunk, maxset, nthreads, (float *)scratch);
+    free(ck);
+    free(scratch);
+    return 0;
+}
+
+/* finite[t] = 1 when none of the numel[t] elements of tensor t (dtype code dtypes[t]) is NaN or
+   Inf. */
+int graft_finite(int64_t n, const int64_t *ptrs, const int64_t *numel, const int32_t *dtypes,
+                 uint8_t *finite, int32_t nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 8)
+    for (int64_t t = 0; t < n; t++) {
+        float lo, hi, z = 0.0f;
+        if (numel[t] > 0)
+            range_of((const void *)(intptr_t)ptrs[t], dtypes[t], 0, numel[t], &lo, &hi, &z);
+        finite[t] = z == 0.0f;
+    }
     return 0;
 }
 """

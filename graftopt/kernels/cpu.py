@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -28,9 +29,11 @@ from ._cpu_src import SOURCE
 
 __all__ = [
     "DTYPES",
+    "GroupMix",
     "Histogram",
     "Mix",
     "available",
+    "finite",
     "library",
     "mix_into",
     "segment_histogram",
@@ -83,6 +86,11 @@ def library() -> ctypes.CDLL | None:
         _P,
         ctypes.c_int32,
     ]
+    i64, i32 = ctypes.c_int64, ctypes.c_int32
+    lib.graft_group_mix.restype = ctypes.c_int
+    lib.graft_group_mix.argtypes = [i64, _P, _P, i64, *[_P] * 7, _P, i64, _P, i32, i32]
+    lib.graft_finite.restype = ctypes.c_int
+    lib.graft_finite.argtypes = [i64, _P, _P, _P, _P, i32]
     lib.graft_mix.restype = ctypes.c_int
     lib.graft_mix.argtypes = [
         ctypes.c_int64,
@@ -252,3 +260,84 @@ def mix_into(
     if library() is None:
         raise RuntimeError("the graftopt C kernels are not available")
     return Mix(out, hosts, peers, offsets, row_len).run(alpha)
+
+
+def finite(tensors: Sequence[Tensor]) -> Tensor:
+    """bool ``(T,)``: per dense CPU tensor (dtype in :data:`DTYPES`), whether it holds no NaN or
+    Inf."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the graftopt C kernels are not available")
+    out = torch.empty(len(tensors), dtype=torch.uint8)
+    if tensors:
+        ptrs = _addresses(tensors)
+        numel = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+        codes = torch.tensor([DTYPES[t.dtype] for t in tensors], dtype=torch.int32)
+        lib.graft_finite(
+            len(tensors), ptrs.data_ptr(), numel.data_ptr(), codes.data_ptr(), out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+    return out.bool()
+
+
+class GroupMix:
+    """Blends of several hosts written into the hosts' own tensors, reading pre-round values.
+
+    Job ``i`` blends ``live[i]`` with ``peers[i]`` using column ``columns[i]`` onward of table
+    ``table_of[i]`` (passed to :meth:`run`), ``row_len[i]`` elements per alpha (0: one alpha).
+    ``sets`` partitions the jobs: every tensor a job reads is either the live tensor of a job of
+    its own set or memory that no job writes, and all jobs of a set have one numel. All tensors
+    are dense, of one dtype (float32 or float64) and of their set's strides.
+    """
+
+    def __init__(
+        self,
+        live: Sequence[Tensor],
+        peers: Sequence[Sequence[Tensor]],
+        table_of: Sequence[int],
+        columns: Sequence[int],
+        row_len: Sequence[int],
+        sets: Sequence[Sequence[int]],
+    ) -> None:
+        order = [i for s in sets for i in s]
+        if sorted(order) != list(range(len(live))):
+            raise ValueError("sets must partition the jobs")
+        self.order = torch.tensor(order, dtype=torch.long)
+        self.count = len(order)
+        self.maxm = max((len(peers[i]) for i in order), default=1)
+        self.live = _addresses([live[i] for i in order])
+        rows = [[t.data_ptr() for t in peers[i]] for i in order]
+        self.peer_ptrs = torch.tensor(
+            [r + [0] * (self.maxm - len(r)) for r in rows], dtype=torch.int64
+        ).reshape(-1)
+        self.npeer = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+        self.numel = torch.tensor([live[i].numel() for i in order], dtype=torch.int64)
+        self.row_len = torch.tensor([row_len[i] for i in order], dtype=torch.int64)
+        self.table_of = torch.tensor([table_of[i] for i in order], dtype=torch.int64)
+        self.columns = torch.tensor([columns[i] for i in order], dtype=torch.int64)
+        self.set_start = torch.tensor(
+            [0, *itertools.accumulate(len(s) for s in sets)], dtype=torch.int64
+        )
+        self.code = DTYPES[live[0].dtype] if live else 0
+
+    def run(self, tables: Sequence[Tensor], skip: Tensor) -> None:
+        """Write every job's blend; jobs with ``skip[i]`` (bool, in job order) stay as they were.
+
+        ``tables``: float32 ``(m_k, K_k)`` alpha tables, contiguous, indexed by ``table_of``.
+        """
+        lib = library()
+        if lib is None:
+            raise RuntimeError("the graftopt C kernels are not available")
+        tables = [t.detach().to(torch.float32).contiguous() for t in tables]
+        ptrs = _addresses(tables)
+        strides = torch.tensor([t.shape[1] for t in tables], dtype=torch.int64)
+        flags = skip.to(torch.uint8)[self.order].contiguous()
+        rc = lib.graft_group_mix(
+            self.count, self.live.data_ptr(), self.peer_ptrs.data_ptr(), self.maxm,
+            self.npeer.data_ptr(), self.numel.data_ptr(), self.row_len.data_ptr(),
+            ptrs.data_ptr(), self.table_of.data_ptr(), self.columns.data_ptr(),
+            strides.data_ptr(), flags.data_ptr(), len(self.set_start) - 1,
+            self.set_start.data_ptr(), self.code, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            raise RuntimeError(f"graft_group_mix failed with code {rc}")

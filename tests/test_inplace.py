@@ -1,0 +1,179 @@
+"""Rounds written straight into the live tensors equal rounds written through buffers."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import graftopt
+from graftopt import GraftOptimizer
+from graftopt import functional as F
+from graftopt.inplace import InPlaceRound
+from graftopt.kernels import cpu
+
+from .conftest import make_net
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs the C kernels")
+
+
+def _ring(models, **kw):
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models]
+    return graftopt.ring(models, opts, every=1, **kw)
+
+
+def _all_to_all(models, **kw):
+    return [
+        GraftOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.0),
+            [p for p in models if p is not m],
+            every=1,
+            model=m,
+            **kw,
+        )
+        for m in models
+    ]
+
+
+def _models(k, layout, dtype):
+    nets = [make_net(s).to(dtype) for s in range(k)]
+    if layout == "channels_last":
+        nets = [n.to(memory_format=torch.channels_last) for n in nets]
+    return nets
+
+
+def _round(wiring, layout, dtype, level, monkeypatch, in_place, poison=None):
+    models = _models(3, layout, dtype)
+    if poison is not None:
+        poison(models)
+    opts = wiring(models, level=level)
+    with monkeypatch.context() as m:
+        if not in_place:
+            m.setattr(InPlaceRound, "possible", False)
+        with contextlib.ExitStack() as stack:
+            if poison is not None:
+                stack.enter_context(pytest.warns(RuntimeWarning))
+            for o in opts:
+                o.step()
+    used = opts[0]._participant.in_place[0]
+    for o in opts:
+        o.close()
+    return models, opts, used
+
+
+@pytest.mark.parametrize("wiring", [_ring, _all_to_all])
+@pytest.mark.parametrize("level", ["layer", "filter"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_place_equals_buffered_bit_for_bit(wiring, level, layout, dtype, monkeypatch):
+    fast, fast_opts, used = _round(wiring, layout, dtype, level, monkeypatch, True)
+    slow, _, _ = _round(wiring, layout, dtype, level, monkeypatch, False)
+    assert used is not None and used.possible
+    for a, b in zip(fast, slow, strict=True):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(x, y), name
+            assert x.stride() == y.stride(), name
+    for o in fast_opts:  # no weight copy is kept between in-place rounds
+        assert all(t is None for t in o._participant.grafter._out)
+
+
+def _poison_running_var(models):
+    with torch.no_grad():
+        models[1].bn2.running_var[2] = float("inf")  # a member no score reads
+        models[2].fc.weight[0, 0] = float("nan")  # a scored tensor
+
+
+def test_in_place_skips_units_with_nan_or_inf_like_buffered(monkeypatch):
+    args = (_ring, "contiguous", torch.float32, "layer", monkeypatch)
+    fast, fast_opts, used = _round(*args, True, poison=_poison_running_var)
+    slow, _, _ = _round(*args, False, poison=_poison_running_var)
+    assert used.possible
+    # Model i reads model i - 1; model 1 holds the bad dw, model 2 the bad fc.
+    assert set(fast_opts[2].history[-1].skipped) == {"dw", "fc"}
+    assert set(fast_opts[0].history[-1].skipped) == {"fc"}
+    assert set(fast_opts[1].history[-1].skipped) == {"dw"}
+    for a, b in zip(fast, slow, strict=True):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(x.nan_to_num(), y.nan_to_num()), name
+    fresh = make_net(0)
+    assert torch.equal(fast[0].fc.weight, fresh.fc.weight)  # skipped: left as it was
+    assert not torch.equal(fast[0].conv1.weight, fresh.conv1.weight)
+
+
+def test_overlapping_memory_falls_back_to_buffers(monkeypatch):
+    host, peer = make_net(0), make_net(1)
+    # The peer's bias is a view into the host's fc weight: blending in place would read
+    # values the round already wrote.
+    peer.fc.bias.data = host.fc.weight.data.view(-1)[5:8]
+    expected_host, expected_peer = make_net(0), make_net(1)
+    expected_peer.fc.bias.data = expected_host.fc.weight.data.view(-1)[5:8]
+    opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
+    opt.step()
+    assert not opt._participant.in_place[0].possible
+    with monkeypatch.context() as m:
+        m.setattr(InPlaceRound, "possible", False)
+        ref = GraftOptimizer(
+            torch.optim.SGD(expected_host.parameters(), lr=0.0), [expected_peer], every=1
+        )
+        ref.step()
+    for (name, x), y in zip(
+        host.state_dict().items(), expected_host.state_dict().values(), strict=True
+    ):
+        assert torch.equal(x, y), name
+
+
+def test_mixed_dtypes_fall_back_to_buffers():
+    host, peer = make_net(0), make_net(1).double()
+    opts = _ring([host, peer])
+    for o in opts:
+        o.step()
+    assert not opts[0]._participant.in_place[0].possible
+
+
+def test_graft_function_writes_in_place_like_the_optimizer():
+    host, peer = make_net(0), make_net(1)
+    twin, twin_peer = make_net(0), make_net(1)
+    graftopt.graft_(host, [peer])
+    GraftOptimizer(torch.optim.SGD(twin.parameters(), lr=0.0), [twin_peer], every=1).step()
+    for (name, x), y in zip(host.state_dict().items(), twin.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    assert torch.equal(peer.fc.weight, make_net(1).fc.weight)  # peers are never written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_kernel_across_chunks_rows_and_sets(dtype):
+    g = torch.Generator().manual_seed(0)
+    # Rows of 3000 cross the kernel's 4096-element chunks; three hosts read each other.
+    shapes = [(7, 3000), (10001,), (1,), (0,)]
+    k = 3
+    live = [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(k)]
+    before = [[t.clone() for t in m] for m in live]
+    tables = [torch.rand(k - 1, 12, generator=g) for _ in range(k)]
+    columns, axes = [0, 7, 8, 9], [0, None, None, None]
+    row_len = [3000, 0, 0, 0]
+    skip = torch.zeros(k * len(shapes), dtype=torch.bool)
+    skip[len(shapes) + 1] = True  # host 1's second tensor stays
+    jobs, peers = [], []
+    for h in range(k):
+        for i in range(len(shapes)):
+            jobs.append(live[h][i])
+            peers.append([live[p][i] for p in range(k) if p != h])
+    sets = [[h * len(shapes) + i for h in range(k)] for i in range(len(shapes))]
+    kernel = cpu.GroupMix(
+        jobs, peers, [h for h in range(k) for _ in shapes], columns * k, row_len * k, sets
+    )
+    kernel.run(tables, skip)
+    for h in range(k):
+        for i, shape in enumerate(shapes):
+            if skip[h * len(shapes) + i]:
+                assert torch.equal(live[h][i], before[h][i])
+                continue
+            ps = [before[p][i] for p in range(k) if p != h]
+            if axes[i] is None:
+                alphas = [tables[h][j, columns[i]] for j in range(k - 1)]
+            else:
+                n = shape[0]
+                alphas = [tables[h][j, columns[i] : columns[i] + n] for j in range(k - 1)]
+            want = F.mix(before[h][i], ps, alphas, axis=axes[i])
+            assert torch.equal(live[h][i], want), (h, i)
