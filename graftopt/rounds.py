@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -117,13 +118,42 @@ def _fits(buffer: Tensor, t: Tensor) -> bool:
     return same and buffer.dtype == t.dtype and buffer.device == t.device
 
 
+_shape, _dtype, _device = (operator.attrgetter(a) for a in ("shape", "dtype", "device"))
+
+
 def _layout(tensors: Sequence[Tensor]) -> tuple:
     """What a plan built for ``tensors`` depends on: per tensor its memory, layout and dtype.
 
     Tensors replaced after wrapping (``model.to()``, ``load_state_dict``, a new ``.data``) differ
     in some entry, so a plan made for the old ones is never used for them.
     """
-    return tuple([(t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors])
+    ts = list(tensors)
+    return (
+        tuple(map(Tensor.data_ptr, ts)),
+        tuple(map(_shape, ts)),
+        tuple(map(Tensor.stride, ts)),
+        tuple(map(_dtype, ts)),
+        tuple(map(_device, ts)),
+    )
+
+
+class _Key:
+    """A plan key that hashes once; keys of equal value found round after round are interned
+    (see :meth:`Grafter._layout_key`), so comparing them is an identity check."""
+
+    __slots__ = ("_hash", "value")
+
+    def __init__(self, value: tuple) -> None:
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        return isinstance(other, _Key) and self._hash == other._hash and self.value == other.value
 
 
 class Grafter:
@@ -176,6 +206,23 @@ class Grafter:
         self._fit: tuple | None = None  # (host key, which kept buffers fit)
         self._out_key: tuple | None = None  # the host key the kept buffers were made for
         self._mix: tuple | None = None  # (key, F.MixPlan)
+        self._interned: dict[tuple, _Key] = {}  # layout keys by tensor ids, last round
+        self._seen: dict[tuple, _Key] = {}  # those made this round
+
+    def _layout_key(self, tensors: Sequence[Tensor], memo: dict | None = None) -> _Key:
+        """:func:`_layout` of ``tensors`` as a :class:`_Key`, the very key of an earlier round
+        when the same tensors kept their layout. ``memo``: keys already made in this commit."""
+        ids = tuple(map(id, tensors))
+        if memo is not None and ids in memo:
+            key = memo[ids][1]
+        else:
+            value = _layout(tensors)
+            old = self._interned.get(ids)
+            key = old if old is not None and old.value == value else _Key(value)
+            if memo is not None:
+                memo[ids] = (tensors, key)  # the tensors stay alive, so their ids stay theirs
+        self._seen[ids] = key
+        return key
 
     def live(self) -> list[Tensor]:
         """The host's unit tensors themselves (the ones a round writes)."""
@@ -245,7 +292,7 @@ class Grafter:
             return self._scores(tensors, s.level, criterion)
         # Within one commit no tensor changes, so a model scored as a host is not scored again
         # as another host's peer.
-        key = (s.level, criterion, s.bins, _layout(tensors) if layout is None else layout)
+        key = (s.level, criterion, s.bins, self._layout_key(tensors) if layout is None else layout)
         if cache is not None and key in cache:
             if key in self._score_plans:  # kept for the rounds where this grafter scores it
                 self._used_plans[key] = self._score_plans[key]
@@ -330,13 +377,15 @@ class Grafter:
         ``cache`` (one dict per commit) shares the scores of a model between the hosts that
         read it in one round.
         """
-        layouts = [_layout(host), *(_layout(p) for p in peers)]
+        memo = {} if cache is None else cache.setdefault(_Key, {})
+        layouts = [self._layout_key(host, memo), *(self._layout_key(p, memo) for p in peers)]
         self._used_plans = {}
         try:
             h_scores, p_scores, alphas, slots = self._alphas(host, peers, cache, layouts)
         finally:
-            # Plans of tensors no longer read are dropped.
+            # Plans and keys of tensors no longer read are dropped.
             self._score_plans = self._used_plans
+            self._interned, self._seen = self._seen, {}
         host_key = (self.settings, layouts[0], tuple(slots))
         if self._host_plan is None or self._host_plan[0] != host_key:
             columns, axes = self._columns(host, slots)

@@ -177,3 +177,41 @@ def test_group_kernel_across_chunks_rows_and_sets(dtype):
                 alphas = [tables[h][j, columns[i] : columns[i] + n] for j in range(k - 1)]
             want = F.mix(before[h][i], ps, alphas, axis=axes[i])
             assert torch.equal(live[h][i], want), (h, i)
+
+
+def _changes():
+    """Changes to a pair of models between rounds: after each, the kept in-place round must be
+    rebuilt or reused correctly."""
+
+    def values(m):
+        with torch.no_grad():
+            m[0].conv1.weight.mul_(1.5)
+
+    def channels_last(m):
+        m[0].to(memory_format=torch.channels_last)
+
+    def new_strides(m):
+        w = m[1].fc.weight
+        w.data = w.data.t().contiguous().t()
+
+    def new_memory(m):
+        w = m[1].fc.weight
+        w.data = w.data.clone()
+
+    return [lambda m: None, values, channels_last, new_strides, new_memory, lambda m: None]
+
+
+def test_kept_in_place_round_follows_changed_tensors(monkeypatch):
+    pairs = {mode: [make_net(0), make_net(1)] for mode in ("in place", "buffered")}
+    opts = {mode: _ring(models) for mode, models in pairs.items()}
+    for change in _changes():
+        for mode, models in pairs.items():
+            change(models)
+            with monkeypatch.context() as m:
+                if mode == "buffered":
+                    m.setattr(InPlaceRound, "possible", False)
+                for o in opts[mode]:
+                    o.step()
+        for a, b in zip(pairs["in place"], pairs["buffered"], strict=True):
+            for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+                assert torch.equal(x, y), name
