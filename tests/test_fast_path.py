@@ -99,6 +99,74 @@ def test_c_histogram_is_histc_exactly():
     assert not cpu.segment_histogram([bad], [1], bins=10)[1].any()
 
 
+def _histc_rows(x: torch.Tensor, rows: int, bins: int) -> torch.Tensor:
+    r = x.float().reshape(rows, -1)
+    out = []
+    for row in r:
+        lo, hi = float(row.min()), float(row.max())
+        if lo == hi:
+            out.append(torch.tensor([row.numel()] + [0] * (bins - 1)).float())
+        else:
+            out.append(torch.histc(row, bins, lo, hi))
+    return torch.stack(out)
+
+
+def _edge_rows(g: torch.Generator) -> list[torch.Tensor]:
+    """Rows whose values sit on or a few ulps around the bin edges, rows centred on 0 (fine
+    floats near the middle edge), ties, and rows that fill one bin."""
+    edges = torch.linspace(-1.0, 1.0, 11)
+    near = torch.cat([edges, *(torch.nextafter(edges, edges + s) for s in (-1.0, 1.0))])
+    return [
+        near[torch.randint(0, near.numel(), (3000,), generator=g)],
+        torch.randn(4096 + 17, generator=g) * 1e-3,
+        torch.randint(-5, 6, (999,), generator=g).float(),
+        torch.cat([torch.full((2000,), 3.0), torch.tensor([-1.0, 7.0])]),
+        torch.randn(200_000, generator=g),  # longer than one chunk
+    ]
+
+
+@needs_c
+@pytest.mark.parametrize("bins", [2, 7, 10, 16, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_c_histogram_equals_histc_on_edges_and_rows(bins, dtype):
+    g = torch.Generator().manual_seed(bins)
+    sources = [t.to(dtype) for t in _edge_rows(g)]
+    filters = (torch.randn(24, 3, 3, 3, generator=g) * 0.1).to(dtype)  # a row per filter
+    counts, finite = cpu.segment_histogram(
+        [*sources, filters], [1] * len(sources) + [24], bins=bins
+    )
+    want = torch.cat([*(_histc_rows(t, 1, bins) for t in sources), _histc_rows(filters, 24, bins)])
+    assert torch.equal(counts.float(), want)
+    assert finite.all()
+
+
+@needs_c
+def test_portable_build_gives_the_same_histograms(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    sources = [*_edge_rows(g), torch.randn(64, 27, generator=g)]
+    rows = [1] * (len(sources) - 1) + [64]
+    results = []
+    for portable in ("0", "1"):
+        monkeypatch.setenv("GRAFTOPT_CKERNEL_PORTABLE", portable)
+        cpu.library.cache_clear()
+        results.append(cpu.segment_histogram(sources, rows, bins=10))
+    monkeypatch.delenv("GRAFTOPT_CKERNEL_PORTABLE")
+    cpu.library.cache_clear()
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+@needs_c
+def test_c_histogram_of_empty_rows_and_non_finite_rows():
+    empty = torch.zeros(3, 0)
+    bad = torch.randn(2, 70_000)
+    bad[1, 69_999] = float("inf")
+    counts, finite = cpu.segment_histogram([empty, bad], [3, 2], bins=10)
+    assert torch.equal(counts[:3], torch.zeros(3, 10, dtype=torch.int64))
+    assert finite.tolist() == [True, True, True, True, False]
+    assert torch.equal(counts[3].float(), _histc_rows(bad[0], 1, 10)[0])
+
+
 def _tensors(seed: int, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return [

@@ -65,26 +65,70 @@ static inline int bin_of(float x, float lo, float fb, float width, int bins) {
     return k < bins - 1 ? k : bins - 1;
 }
 
+/* nextafterf(t, up ? INFINITY : -INFINITY) for finite t, on the bits. */
+static inline float step_float(float t, int up) {
+    uint32_t u;
+    memcpy(&u, &t, 4);
+    if ((u & 0x7fffffffu) == 0)
+        u = up ? 1u : 0x80000001u;
+    else
+        u = ((u >> 31) != 0) == (up != 0) ? u - 1 : u + 1;
+    memcpy(&t, &u, 4);
+    return t;
+}
+
+/* bin_of as a function of d = x - lo (bin_of(x) == bin_d(x - lo)). */
+static inline int bin_d(float d, float fb, float width, int bins) {
+    int k = (int)(d * fb / width);
+    return k < bins - 1 ? k : bins - 1;
+}
+
+/* A start for the walk to threshold(k): the smallest float d with bin_d(d) >= k is a few ulps
+   from width * k / bins (ulps of d scale with d); x - lo rounds to >= d from about
+   lo + (d + below(d)) / 2, computed in double (exactly when lo and d are of like magnitude,
+   where the ulps of x near lo + d ~ 0 are far finer than those of d). 0 when not found. */
+static inline float threshold_guess(int k, float lo, float fb, float width, int bins, float *out) {
+    float d = width * ((float)k / fb);
+    for (int step = 0; step < 16; step++) {
+        if (!(d > 0.0f) || !isfinite(d)) return 0;
+        if (bin_d(d, fb, width, bins) >= k) {
+            float below = step_float(d, 0);
+            if (bin_d(below, fb, width, bins) < k) {
+                *out = (float)((double)lo + 0.5 * ((double)d + (double)below));
+                return 1;
+            }
+            d = below;
+        } else {
+            d = step_float(d, 1);
+        }
+    }
+    return 0;
+}
+
 /* The smallest float t in [lo, hi] with bin_of(t) >= k. bin_of is non-decreasing in x (every
    float operation in it is monotone), so counting x >= t for each k gives exact bin counts
    without a division per element. */
 static float threshold(int k, float lo, float hi, float fb, float width, int bins) {
-    float t = lo + width * ((float)k / fb);
+    float t;
+    /* (x - lo) * bins may overflow to inf when width * bins does: bin_of is then not monotone,
+       and the walk starts where it always did, for the same results. */
+    if (!isfinite(width * fb) || !threshold_guess(k, lo, fb, width, bins, &t))
+        t = lo + width * ((float)k / fb);
     t = t < lo ? lo : (t > hi ? hi : t);
     for (int step = 0; step < 64; step++) {
         if (bin_of(t, lo, fb, width, bins) >= k) {
-            float below = nextafterf(t, -INFINITY);
+            float below = step_float(t, 0);
             if (below < lo || bin_of(below, lo, fb, width, bins) < k) return t;
             t = below;
         } else {
-            t = nextafterf(t, INFINITY);
+            t = step_float(t, 1);
         }
     }
     /* Far from the guess (only for extreme ranges): bisect on the ordered float bits. */
     float a = lo, b = hi;
-    while (nextafterf(a, INFINITY) < b) {
+    while (step_float(a, 1) < b) {
         float mid = a + (b - a) * 0.5f;
-        if (mid <= a || mid >= b) mid = nextafterf(a, INFINITY);
+        if (mid <= a || mid >= b) mid = step_float(a, 1);
         if (bin_of(mid, lo, fb, width, bins) >= k) b = mid; else a = mid;
     }
     return bin_of(a, lo, fb, width, bins) >= k ? a : b;
@@ -111,7 +155,7 @@ static void hist_of(const void *p, int dt, int64_t start, int64_t n, float lo, f
                     int64_t *counts) {
     float width = hi - lo, fb = (float)bins, t[MAXBINS];
     int64_t ge[MAXBINS];
-    if (!(width > 0.0f) || !isfinite(width)) { /* constant or non-finite: one bin */
+    if (bins == 1 || !(width > 0.0f) || !isfinite(width)) { /* constant or non-finite: one bin */
         counts[0] += n;
         return;
     }
@@ -128,89 +172,500 @@ static void hist_of(const void *p, int dt, int64_t start, int64_t n, float lo, f
     counts[bins - 1] += prev;
 }
 
+/* ---- AVX-512 path (picked at run time) ------------------------------------------------------
+   Per element: an approximate bin j0 = (int)((x - lo) * r) with r a few ulps below bins / width,
+   so j0 is the exact bin or one less; one compare against the exact threshold table (vpermps)
+   corrects it. Counts go into 3-bit fields of one int32 per lane (bin b at bit 3b, bins 0..9),
+   added as a one-hot looked up with vpermd, flushed every 7 vectors into 9-bit fields. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(GRAFT_PORTABLE_ONLY)
+#define GRAFT_X86 1
+#include <immintrin.h>
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define AI __attribute__((always_inline))
+
+static inline AI T512 __m512 ld16(const void *p, const int dt, int64_t i) {
+    if (dt == 0) return _mm512_loadu_ps((const float *)p + i);
+    if (dt == 1) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    const double *q = (const double *)p + i;
+    __m256 a = _mm512_cvtpd_ps(_mm512_loadu_pd(q)), b = _mm512_cvtpd_ps(_mm512_loadu_pd(q + 8));
+    return _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1);
+}
+
+static inline AI T512 __m512 ld16m(const void *p, const int dt, int64_t i, __mmask16 m) {
+    if (dt == 0) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    if (dt == 1) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    const double *q = (const double *)p + i;
+    __m256 a = _mm512_cvtpd_ps(_mm512_maskz_loadu_pd((__mmask8)m, q));
+    __m256 b = _mm512_cvtpd_ps(_mm512_maskz_loadu_pd((__mmask8)(m >> 8), q + 8));
+    return _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1);
+}
+
+static inline __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+static inline AI T512 void range512_t(const void *p, const int dt, int64_t st, int64_t n,
+                                      float *lo, float *hi, float *probe) {
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 l0 = _mm512_set1_ps(INFINITY), l1 = l0, l2 = l0, l3 = l0;
+    __m512 h0 = _mm512_set1_ps(-INFINITY), h1 = h0, h2 = h0, h3 = h0;
+    __m512 z0 = zero, z1 = zero;
+    const int64_t e = st + n;
+    int64_t i = st;
+    const int es = dt == 0 ? 4 : dt == 1 ? 2 : 8; /* bytes per element */
+    for (; i + 64 <= e; i += 64) {
+        /* the hardware prefetcher alone leaves a single core short of L3/DRAM bandwidth */
+        for (int q = 0; q < 64 * es; q += 64)
+            _mm_prefetch((const char *)p + i * es + 4096 + q, _MM_HINT_T0);
+        __m512 x0 = ld16(p, dt, i), x1 = ld16(p, dt, i + 16);
+        __m512 x2 = ld16(p, dt, i + 32), x3 = ld16(p, dt, i + 48);
+        l0 = _mm512_min_ps(x0, l0); /* x < l ? x : l, NaN leaves l */
+        l1 = _mm512_min_ps(x1, l1);
+        l2 = _mm512_min_ps(x2, l2);
+        l3 = _mm512_min_ps(x3, l3);
+        h0 = _mm512_max_ps(x0, h0);
+        h1 = _mm512_max_ps(x1, h1);
+        h2 = _mm512_max_ps(x2, h2);
+        h3 = _mm512_max_ps(x3, h3);
+        z0 = _mm512_add_ps(z0, _mm512_add_ps(_mm512_mul_ps(x0, zero), _mm512_mul_ps(x1, zero)));
+        z1 = _mm512_add_ps(z1, _mm512_add_ps(_mm512_mul_ps(x2, zero), _mm512_mul_ps(x3, zero)));
+    }
+    for (; i < e; i += 16) {
+        __mmask16 m = tail_mask(e - i);
+        __m512 x = ld16m(p, dt, i, m);
+        l0 = _mm512_mask_min_ps(l0, m, x, l0);
+        h0 = _mm512_mask_max_ps(h0, m, x, h0);
+        z0 = _mm512_add_ps(z0, _mm512_mul_ps(x, zero));
+    }
+    l0 = _mm512_min_ps(_mm512_min_ps(l0, l1), _mm512_min_ps(l2, l3));
+    h0 = _mm512_max_ps(_mm512_max_ps(h0, h1), _mm512_max_ps(h2, h3));
+    *lo = _mm512_reduce_min_ps(l0);
+    *hi = _mm512_reduce_max_ps(h0);
+    *probe = _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+}
+
+T512 static void range512(const void *p, int dt, int64_t st, int64_t n, float *lo, float *hi,
+                          float *probe) {
+    if (dt == 0) range512_t(p, 0, st, n, lo, hi, probe);
+    else if (dt == 1) range512_t(p, 1, st, n, lo, hi, probe);
+    else range512_t(p, 2, st, n, lo, hi, probe);
+}
+
+/* bin_of on 16 lanes (the same float operations, so the same results). */
+static inline AI T512 __m512i bin16(__m512 x, __m512 vlo, __m512 vfb, __m512 vw, __m512i vlast) {
+    __m512i k = _mm512_cvttps_epi32(_mm512_div_ps(_mm512_mul_ps(_mm512_sub_ps(x, vlo), vfb), vw));
+    return _mm512_min_epi32(k, vlast);
+}
+
+/* step_float on 16 lanes */
+static inline AI T512 __m512 step16(__m512 t, int up) {
+    __m512i u = _mm512_castps_si512(t);
+    __m512i d = _mm512_or_si512(_mm512_srai_epi32(u, 31), _mm512_set1_epi32(1)); /* -1 / +1 */
+    __m512i r = up ? _mm512_add_epi32(u, d) : _mm512_sub_epi32(u, d);
+    __mmask16 z = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x7fffffff)) ^ (__mmask16)0xFFFF;
+    r = _mm512_mask_mov_epi32(r, z, _mm512_set1_epi32(up ? 1 : (int)0x80000001u));
+    return _mm512_castsi512_ps(r);
+}
+
+/* threshold(k) for k = 1 .. bins-1 (bins <= 16) in the lanes k-1: threshold_guess and the
+   walk of threshold() on 16 lanes; lanes not settled after 8 steps of either walk finish with
+   the scalar code. Lanes >= bins-1 get +inf. */
+T512 static __m512 thresholds16(float lo, float hi, float fb, float width, int bins) {
+    const __m512i kk = _mm512_set_epi32(16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1);
+    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), vfb = _mm512_set1_ps(fb);
+    const __m512 vw = _mm512_set1_ps(width), zero = _mm512_setzero_ps();
+    const __m512i vlast = _mm512_set1_epi32(bins - 1);
+    const __mmask16 act = (__mmask16)((1u << (bins - 1)) - 1u);
+    /* d-walk: the smallest d with bin_d(d) >= k */
+    __m512 d = _mm512_mul_ps(vw, _mm512_div_ps(_mm512_cvtepi32_ps(kk), vfb)), db = d;
+    __mmask16 pend = act & _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ) &
+                     _mm512_cmp_ps_mask(d, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
+    __mmask16 bad = act & ~pend;
+    for (int it = 0; it < 8 && pend; it++) {
+        __mmask16 ge = _mm512_cmpge_epi32_mask(bin16(d, zero, vfb, vw, vlast), kk);
+        db = step16(d, 0);
+        __mmask16 stop = _mm512_cmplt_epi32_mask(bin16(db, zero, vfb, vw, vlast), kk);
+        d = _mm512_mask_mov_ps(d, pend & ge & ~stop, db);
+        d = _mm512_mask_mov_ps(d, pend & ~ge, step16(d, 1));
+        pend &= ~(ge & stop);
+    }
+    bad |= pend;
+    /* start of the x-walk: lo + (d + below(d)) / 2 in double */
+    __m512d h = _mm512_set1_pd(0.5), dlo = _mm512_set1_pd((double)lo);
+    __m512d m0 = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(d)),
+                               _mm512_cvtps_pd(_mm512_castps512_ps256(db)));
+    __m512d m1 = _mm512_add_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1)),
+                               _mm512_cvtps_pd(_mm512_extractf32x8_ps(db, 1)));
+    __m256 t0 = _mm512_cvtpd_ps(_mm512_add_pd(dlo, _mm512_mul_pd(h, m0)));
+    __m256 t1 = _mm512_cvtpd_ps(_mm512_add_pd(dlo, _mm512_mul_pd(h, m1)));
+    __m512 t = _mm512_insertf32x8(_mm512_castps256_ps512(t0), t1, 1);
+    t = _mm512_mask_mov_ps(t, _mm512_cmp_ps_mask(t, vhi, _CMP_GT_OQ), vhi);
+    t = _mm512_mask_mov_ps(t, _mm512_cmp_ps_mask(t, vlo, _CMP_LT_OQ), vlo);
+    pend = act & ~bad;
+    /* x-walk: bin_of(x) >= k exactly when x - lo >= d (bin_d is non-decreasing) */
+    for (int it = 0; it < 8 && pend; it++) {
+        __mmask16 ge = _mm512_cmp_ps_mask(_mm512_sub_ps(t, vlo), d, _CMP_GE_OQ);
+        __m512 below = step16(t, 0);
+        __mmask16 stop = _mm512_cmp_ps_mask(below, vlo, _CMP_LT_OQ) |
+                         _mm512_cmp_ps_mask(_mm512_sub_ps(below, vlo), d, _CMP_LT_OQ);
+        t = _mm512_mask_mov_ps(t, pend & ge & ~stop, below);
+        t = _mm512_mask_mov_ps(t, pend & ~ge, step16(t, 1));
+        pend &= ~(ge & stop);
+    }
+    pend |= bad;
+    if (pend) {
+        float tt[16];
+        _mm512_storeu_ps(tt, t);
+        for (int i = 0; i < 16; i++)
+            if (pend >> i & 1) tt[i] = threshold(i + 1, lo, hi, fb, width, bins);
+        t = _mm512_loadu_ps(tt);
+    }
+    return _mm512_mask_mov_ps(_mm512_set1_ps(INFINITY), act, t);
+}
+
+#define G 7   /* vectors per group: 3-bit fields hold 7 */
+#define GG 73 /* groups per flush of the 9-bit fields (511 / 7) */
+
+/* Adds the 9-bit fields of L0..L2 (bin g + 3f in field f of Lg, f < 3) and the lanes of L9
+   (bin 9) to cnt. Lane sums of a field stay below 16 * 511 < 2^13, so two fields 18 bits apart
+   reduce in one int32 sum. */
+static inline AI T512 void flush9(__m512i L0, __m512i L1, __m512i L2, __m512i L9, int nb,
+                                  int64_t *cnt) {
+    const __m512i me = _mm512_set1_epi32(511 | (511 << 18)), m9 = _mm512_set1_epi32(511);
+    __m512i L[3] = {L0, L1, L2};
+    for (int g = 0; g < 3; g++) {
+        uint32_t e = (uint32_t)_mm512_reduce_add_epi32(_mm512_and_si512(L[g], me));
+        cnt[g] += e & 0x3FFFF;
+        cnt[g + 6] += e >> 18;
+        cnt[g + 3] += (uint32_t)_mm512_reduce_add_epi32(
+            _mm512_and_si512(_mm512_srli_epi32(L[g], 9), m9));
+    }
+    if (nb > 9) cnt[9] += (uint32_t)_mm512_reduce_add_epi32(L9);
+}
+
+#define STEP16(x, jv)                                                                              \
+    do {                                                                                           \
+        __m512i j_ = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_sub_ps((x), vlo), vr));             \
+        __mmask16 c_ = _mm512_cmp_ps_mask((x), _mm512_permutexvar_ps(j_, vT), _CMP_GE_OQ);       \
+        (jv) = _mm512_mask_add_epi32(j_, c_, j_, one);                                            \
+    } while (0)
+
+static inline AI T512 void count16_t(const void *p, const int dt, int64_t st, int64_t n,
+                                     __m512 vlo, __m512 vr, __m512 vT, const int kind,
+                                     const char *pf, int64_t pfl, int64_t *cnt /* 24 */) {
+    const __m512i one = _mm512_set1_epi32(1), M = _mm512_set1_epi32(0x001C0E07);
+    const __m512i ohA = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 1 << 27, 1 << 24, 1 << 21, 1 << 18,
+                                         1 << 15, 1 << 12, 1 << 9, 1 << 6, 1 << 3, 1);
+    const __m512i ohB = _mm512_set_epi32(1 << 15, 1 << 12, 1 << 9, 1 << 6, 1 << 3, 1, 0, 0, 0, 0,
+                                         0, 0, 0, 0, 0, 0);
+    const int two = kind == 2, nb = kind ? 10 : 9;
+    const int64_t e = st + n;
+    int64_t i = st;
+    int64_t pfo = 0;
+    while (i < e) {
+        __m512i A0 = _mm512_setzero_si512(), A1 = A0, A2 = A0, A9 = A0, B0 = A0, B1 = A0, B2 = A0;
+        for (int g = 0; g < GG && i < e; g++) {
+            __m512i a = _mm512_setzero_si512(), b = a;
+            if (i + 16 * G <= e) {
+#pragma GCC unroll 7
+                for (int u = 0; u < G; u++) {
+                    if (pfo < pfl) { /* data this thread reads next, while counting runs in cache */
+                        _mm_prefetch(pf + pfo, _MM_HINT_T1);
+                        pfo += 64;
+                    }
+                    __m512 x = ld16(p, dt, i + 16 * u);
+                    __m512i j;
+                    STEP16(x, j);
+                    a = _mm512_add_epi32(a, _mm512_permutexvar_epi32(j, ohA));
+                    if (two) b = _mm512_add_epi32(b, _mm512_permutexvar_epi32(j, ohB));
+                }
+                i += 16 * G;
+            } else {
+                for (; i < e; i += 16) {
+                    __mmask16 m = tail_mask(e - i);
+                    __m512 x = ld16m(p, dt, i, m);
+                    __m512i j;
+                    STEP16(x, j);
+                    a = _mm512_add_epi32(a, _mm512_maskz_permutexvar_epi32(m, j, ohA));
+                    if (two) b = _mm512_add_epi32(b, _mm512_maskz_permutexvar_epi32(m, j, ohB));
+                }
+            }
+            A0 = _mm512_add_epi32(A0, _mm512_and_si512(a, M));
+            A1 = _mm512_add_epi32(A1, _mm512_and_si512(_mm512_srli_epi32(a, 3), M));
+            A2 = _mm512_add_epi32(A2, _mm512_and_si512(_mm512_srli_epi32(a, 6), M));
+            if (nb > 9) A9 = _mm512_add_epi32(A9, _mm512_srli_epi32(a, 27));
+            if (two) {
+                B0 = _mm512_add_epi32(B0, _mm512_and_si512(b, M));
+                B1 = _mm512_add_epi32(B1, _mm512_and_si512(_mm512_srli_epi32(b, 3), M));
+                B2 = _mm512_add_epi32(B2, _mm512_and_si512(_mm512_srli_epi32(b, 6), M));
+            }
+        }
+        flush9(A0, A1, A2, A9, nb, cnt);
+        if (two) flush9(B0, B1, B2, A9, 0, cnt + 10);
+    }
+}
+
+T512 static void count16(const void *p, int dt, int64_t st, int64_t n, __m512 vlo, __m512 vr,
+                         __m512 vT, int bins, const char *pf, int64_t pfl, int64_t *cnt) {
+#define C16(K)                                                                                     \
+    do {                                                                                           \
+        if (dt == 0) count16_t(p, 0, st, n, vlo, vr, vT, K, pf, pfl, cnt);                         \
+        else if (dt == 1) count16_t(p, 1, st, n, vlo, vr, vT, K, pf, pfl, cnt);                    \
+        else count16_t(p, 2, st, n, vlo, vr, vT, K, pf, pfl, cnt);                                 \
+    } while (0)
+    if (bins <= 9) C16(0);
+    else if (bins == 10) C16(1);
+    else C16(2);
+#undef C16
+}
+
+/* hist_of, AVX-512: the same counts. Prefetches pfl bytes from pf (if any) on the way. */
+T512 static void hist512(const void *p, int dt, int64_t start, int64_t n, float lo, float hi,
+                         int bins, const char *pf, int64_t pfl, int64_t *counts) {
+    float width = hi - lo, fb = (float)bins;
+    if (bins == 1 || !(width > 0.0f) || !isfinite(width)) {
+        counts[0] += n;
+        return;
+    }
+    /* j0 is within one of the exact bin when (x - lo) * bins stays a normal float below FLT_MAX
+       and bins / width is normal: width in [1e-30, 1e36]. Otherwise the threshold counting. */
+    if (bins > 16 || width < 1e-30f || width > 1e36f) {
+        hist_of(p, dt, start, n, lo, hi, bins, counts);
+        return;
+    }
+    __m512 vT = thresholds16(lo, hi, fb, width, bins);
+    float r = fb / width;
+    uint32_t u;
+    memcpy(&u, &r, 4);
+    u -= 8; /* 8 ulps down: (x - lo) * r < torch's (x - lo) * bins / width, and within 1 of it */
+    memcpy(&r, &u, 4);
+    int64_t cnt[24] = {0};
+    if (!pf) pfl = 0;
+    count16(p, dt, start, n, _mm512_set1_ps(lo), _mm512_set1_ps(r), vT, bins, pf, pfl, cnt);
+    for (int b = 0; b < bins; b++) counts[b] += cnt[b];
+}
+
+static int have512(void) {
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    }
+    return v;
+}
+#endif
+
+static inline void range_any(int fast, const void *p, int dt, int64_t st, int64_t n, float *lo,
+                             float *hi, float *probe) {
+#ifdef GRAFT_X86
+    if (fast) {
+        range512(p, dt, st, n, lo, hi, probe);
+        return;
+    }
+#endif
+    (void)fast;
+    range_of(p, dt, st, n, lo, hi, probe);
+}
+
+static inline void hist_any(int fast, const void *p, int dt, int64_t st, int64_t n, float lo,
+                            float hi, int bins, const char *pf, int64_t pfl, int64_t *counts) {
+#ifdef GRAFT_X86
+    if (fast) {
+        hist512(p, dt, st, n, lo, hi, bins, pf, pfl, counts);
+        return;
+    }
+#endif
+    (void)fast;
+    (void)pf;
+    (void)pfl;
+    hist_of(p, dt, st, n, lo, hi, bins, counts);
+}
+
+static inline int fast_path(void) {
+#ifdef GRAFT_X86
+    return have512();
+#else
+    return 0;
+#endif
+}
+
 /* Segments: source s splits into rows[s] equal rows of row_len[s] elements each.
-   Outputs counts (S x bins, zeroed here) and finite (S). Work runs in chunks of at most CHUNK
-   elements under dynamic scheduling, so a busy core delays the call by one chunk at most. */
+   Outputs counts (S x bins, zeroed here) and finite (S).
+   Rows of at most CHUNK elements are done whole (range, then counts while the row is in
+   cache), a few rows per task. Longer rows run in chunks of CHUNK elements: threads claim the
+   range pass chunks of one row after the other; the thread that finishes a row's last range
+   chunk merges its range and starts its counting pass, from the last chunk back (the chunks
+   it read last are still in its L2), while the other threads go on to the next rows. No
+   thread waits for another except at the very end, for a range chunk still in progress. */
+#ifndef CHUNK
 #define CHUNK (1 << 16)
+#endif
+
+typedef struct {
+    int64_t src, seg, start, nc, c0; /* elements start.. of source src; chunks c0 .. c0+nc-1 */
+    int p1next, p1done, ready;       /* atomics: next range chunk, range chunks done, merged */
+    float lo, hi;
+} big_row;
+
+static inline int elem_size(int dt) { return dt == 0 ? 4 : dt == 1 ? 2 : 8; }
+
+static inline void spin_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void count_chunk(int fast, const big_row *B, int64_t c, const int64_t *ptrs,
+                        const int64_t *row_len, const int32_t *dtypes, int bins,
+                        int64_t *counts) {
+    int64_t a = c * CHUNK, len = row_len[B->src] - a < CHUNK ? row_len[B->src] - a : CHUNK;
+    int64_t local[MAXBINS];
+    memset(local, 0, sizeof(int64_t) * bins);
+    /* prefetch chunk c - 1, likely this thread's next one (and out of its L2 by now) */
+    const char *p = (const char *)(intptr_t)ptrs[B->src];
+    int es = elem_size(dtypes[B->src]);
+    hist_any(fast, p, dtypes[B->src], B->start + a, len, B->lo, B->hi, bins,
+             c > 0 ? p + (B->start + a - CHUNK) * es : 0, (int64_t)CHUNK * es, local);
+    for (int b = 0; b < bins; b++)
+        if (local[b]) __atomic_fetch_add(&counts[B->seg * bins + b], local[b], __ATOMIC_RELAXED);
+}
+
+/* The counting pass of row B: this thread's own range chunks from the last back, then any left. */
+static void count_row(int fast, const big_row *B, int tid, const int *owner, int *claim,
+                      const int64_t *ptrs, const int64_t *row_len, const int32_t *dtypes,
+                      int bins, int64_t *counts) {
+    for (int pass = 0; pass < 2; pass++)
+        for (int64_t c = B->nc - 1; c >= 0; c--) {
+            if (pass == 0 && owner[B->c0 + c] != tid) continue;
+            if (__atomic_load_n(&claim[B->c0 + c], __ATOMIC_RELAXED) ||
+                __atomic_exchange_n(&claim[B->c0 + c], 1, __ATOMIC_RELAXED))
+                continue;
+            count_chunk(fast, B, c, ptrs, row_len, dtypes, bins, counts);
+        }
+}
+
 int graft_segment_hist(int64_t nsrc, const int64_t *ptrs, const int64_t *rows,
-                       const int64_t *row_len,
-                       const int32_t *dtypes, int32_t bins, int64_t *counts, uint8_t *finite,
-                       int32_t nthreads) {
+                       const int64_t *row_len, const int32_t *dtypes, int32_t bins,
+                       int64_t *counts, uint8_t *finite, int32_t nthreads) {
     if (bins < 1 || bins > MAXBINS) return 1;
-    int64_t nseg = 0, nchunk = 0;
+    const int fast = fast_path();
+    int64_t nseg = 0, nbig = 0, nchunk = 0, ntask = 0;
     for (int64_t s = 0; s < nsrc; s++) {
         nseg += rows[s];
-        nchunk += rows[s] * (row_len[s] > CHUNK ? (row_len[s] + CHUNK - 1) / CHUNK : 1);
+        if (row_len[s] > CHUNK) {
+            nbig += rows[s];
+            nchunk += rows[s] * ((row_len[s] + CHUNK - 1) / CHUNK);
+        } else if (rows[s] > 0) {
+            int64_t per = row_len[s] > 0 ? CHUNK / row_len[s] : rows[s];
+            ntask += (rows[s] + per - 1) / per;
+        }
     }
     memset(counts, 0, (size_t)(nseg * bins) * sizeof(int64_t));
-    /* per chunk: source, segment, start, length; per chunk min/max/probe for split segments */
-    int64_t *cw = (int64_t *)malloc((size_t)(nchunk > 0 ? nchunk : 1) * 4 * sizeof(int64_t));
+    big_row *big = (big_row *)calloc((size_t)(nbig > 0 ? nbig : 1), sizeof(big_row));
+    int64_t *task = (int64_t *)malloc((size_t)(ntask > 0 ? ntask : 1) * 4 * sizeof(int64_t));
     float *cr = (float *)malloc((size_t)(nchunk > 0 ? nchunk : 1) * 3 * sizeof(float));
-    float *sr = (float *)malloc((size_t)(nseg > 0 ? nseg : 1) * 2 * sizeof(float));
-    if (!cw || !cr || !sr) {
-        free(cw); free(cr); free(sr);
+    int *owner = (int *)calloc((size_t)(nchunk > 0 ? nchunk : 1) * 2, sizeof(int));
+    if (!big || !task || !cr || !owner) {
+        free(big); free(task); free(cr); free(owner);
         return 2;
     }
-    int64_t c = 0, g = 0;
-    for (int64_t s = 0; s < nsrc; s++)
-        for (int64_t r = 0; r < rows[s]; r++, g++)
-            for (int64_t a = 0; a < row_len[s] || (a == 0 && row_len[s] == 0); a += CHUNK, c++) {
-                cw[4 * c] = s;
-                cw[4 * c + 1] = g;
-                cw[4 * c + 2] = r * row_len[s] + a;
-                cw[4 * c + 3] = row_len[s] - a < CHUNK ? row_len[s] - a : CHUNK;
-                if (row_len[s] == 0) break;
+    int *claim = owner + nchunk;
+    int64_t g = 0, b = 0, t = 0, c = 0;
+    for (int64_t s = 0; s < nsrc; s++) {
+        if (row_len[s] > CHUNK) {
+            for (int64_t r = 0; r < rows[s]; r++, b++, g++) {
+                big[b].src = s;
+                big[b].seg = g;
+                big[b].start = r * row_len[s];
+                big[b].nc = (row_len[s] + CHUNK - 1) / CHUNK;
+                big[b].c0 = c;
+                c += big[b].nc;
             }
-#pragma omp parallel num_threads(nthreads)
-    {
-        /* pass 1: whole short segments, and min/max of each chunk of long ones */
-#pragma omp for schedule(dynamic, 8)
-        for (int64_t i = 0; i < nchunk; i++) {
-            int64_t s = cw[4 * i], seg = cw[4 * i + 1], st = cw[4 * i + 2], n = cw[4 * i + 3];
-            const void *p = (const void *)(intptr_t)ptrs[s];
-            range_of(p, dtypes[s], st, n, &cr[3 * i], &cr[3 * i + 1], &cr[3 * i + 2]);
-            if (row_len[s] <= CHUNK) {
-                finite[seg] = cr[3 * i + 2] == 0.0f;
-                int64_t *dst = counts + seg * bins;
-                if (n > 0) hist_of(p, dtypes[s], st, n, cr[3 * i], cr[3 * i + 1], bins, dst);
+        } else if (rows[s] > 0) {
+            int64_t per = row_len[s] > 0 ? CHUNK / row_len[s] : rows[s];
+            for (int64_t r = 0; r < rows[s]; r += per, t++) {
+                task[4 * t] = s;
+                task[4 * t + 1] = g + r;
+                task[4 * t + 2] = r;
+                task[4 * t + 3] = rows[s] - r < per ? rows[s] - r : per;
             }
-        }
-#pragma omp single
-        {
-            for (int64_t i = 0; i < nchunk; i++) {
-                int64_t s = cw[4 * i], seg = cw[4 * i + 1];
-                if (row_len[s] <= CHUNK) continue;
-                if (cw[4 * i + 2] % row_len[s] == 0) { /* first chunk of its segment */
-                    sr[2 * seg] = cr[3 * i];
-                    sr[2 * seg + 1] = cr[3 * i + 1];
-                    finite[seg] = 1;
-                } else {
-                    sr[2 * seg] = cr[3 * i] < sr[2 * seg] ? cr[3 * i] : sr[2 * seg];
-                    float h = cr[3 * i + 1];
-                    sr[2 * seg + 1] = h > sr[2 * seg + 1] ? h : sr[2 * seg + 1];
-                }
-                if (cr[3 * i + 2] != 0.0f) finite[seg] = 0;
-            }
-        }
-        /* pass 2: histograms of the chunks of long segments */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < nchunk; i++) {
-            int64_t s = cw[4 * i], seg = cw[4 * i + 1];
-            if (row_len[s] <= CHUNK) continue;
-            int64_t local[MAXBINS];
-            memset(local, 0, sizeof(int64_t) * bins);
-            hist_of((const void *)(intptr_t)ptrs[s], dtypes[s], cw[4 * i + 2], cw[4 * i + 3],
-                    sr[2 * seg],
-                    sr[2 * seg + 1], bins, local);
-            for (int b = 0; b < bins; b++) {
-#pragma omp atomic
-                counts[seg * bins + b] += local[b];
-            }
+            g += rows[s];
         }
     }
-    free(cw);
+    int tids = 0;
+    int64_t next_task = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int tid = __atomic_fetch_add(&tids, 1, __ATOMIC_RELAXED);
+        for (int64_t i = 0; i < nbig; i++) {
+            big_row *B = &big[i];
+            const void *p = (const void *)(intptr_t)ptrs[B->src];
+            const int dt = dtypes[B->src];
+            int64_t k;
+            while ((k = __atomic_fetch_add(&B->p1next, 1, __ATOMIC_RELAXED)) < B->nc) {
+                int64_t a = k * CHUNK, rl = row_len[B->src];
+                range_any(fast, p, dt, B->start + a, rl - a < CHUNK ? rl - a : CHUNK,
+                          &cr[3 * (B->c0 + k)], &cr[3 * (B->c0 + k) + 1], &cr[3 * (B->c0 + k) + 2]);
+                owner[B->c0 + k] = tid;
+                if (__atomic_add_fetch(&B->p1done, 1, __ATOMIC_ACQ_REL) == B->nc) {
+                    /* the last range chunk: merge, then count */
+                    const float *q = cr + 3 * B->c0;
+                    float lo = q[0], hi = q[1];
+                    int ok = q[2] == 0.0f;
+                    for (int64_t j = 1; j < B->nc; j++) {
+                        lo = q[3 * j] < lo ? q[3 * j] : lo;
+                        hi = q[3 * j + 1] > hi ? q[3 * j + 1] : hi;
+                        ok &= q[3 * j + 2] == 0.0f;
+                    }
+                    B->lo = lo;
+                    B->hi = hi;
+                    finite[B->seg] = (uint8_t)ok;
+                    __atomic_store_n(&B->ready, 1, __ATOMIC_RELEASE);
+                }
+            }
+            if (__atomic_load_n(&B->ready, __ATOMIC_ACQUIRE))
+                count_row(fast, B, tid, owner, claim, ptrs, row_len, dtypes, bins, counts);
+        }
+        /* short rows, whole */
+        int64_t j;
+        while ((j = __atomic_fetch_add(&next_task, 1, __ATOMIC_RELAXED)) < ntask) {
+            int64_t s = task[4 * j], seg = task[4 * j + 1], r0 = task[4 * j + 2];
+            int64_t nr = task[4 * j + 3], n = row_len[s];
+            const void *p = (const void *)(intptr_t)ptrs[s];
+            for (int64_t r = 0; r < nr; r++, seg++) {
+                float lo, hi, z;
+                range_any(fast, p, dtypes[s], (r0 + r) * n, n, &lo, &hi, &z);
+                finite[seg] = z == 0.0f;
+                /* prefetch the next row while this one is counted in cache */
+                int es = elem_size(dtypes[s]);
+                const char *pf = r0 + r + 1 < rows[s] ? (const char *)p + (r0 + r + 1) * n * es : 0;
+                if (n > 0)
+                    hist_any(fast, p, dtypes[s], (r0 + r) * n, n, lo, hi, bins, pf, n * es,
+                             counts + seg * bins);
+            }
+        }
+        /* counting chunks left (rows whose last range chunk another thread was still on) */
+        for (int64_t i = 0; i < nbig; i++) {
+            big_row *B = &big[i];
+            int left = 0;
+            for (int64_t k = 0; k < B->nc && !left; k++)
+                left = !__atomic_load_n(&claim[B->c0 + k], __ATOMIC_RELAXED);
+            if (!left) continue;
+            while (!__atomic_load_n(&B->ready, __ATOMIC_ACQUIRE)) spin_pause();
+            count_row(fast, B, tid, owner, claim, ptrs, row_len, dtypes, bins, counts);
+        }
+    }
+    free(big);
+    free(task);
     free(cr);
-    free(sr);
+    free(owner);
     return 0;
 }
 
