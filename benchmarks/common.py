@@ -19,15 +19,25 @@ def make_models(name: str, k: int) -> list[nn.Module]:
     return models
 
 
+class Idle(torch.optim.Optimizer):
+    """An inner optimizer whose step does nothing, so a timed ``GraftOptimizer.step()`` is the
+    round alone."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        return None
+
+
 class Round:
     """One simultaneous graft round of a ring of models, three ways, on the same tensors."""
 
     def __init__(self, models: list[nn.Module], level: str = "layer") -> None:
         self.models = models
         self.level = level
-        self.opts = graftopt.ring(
-            models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1, level=level
-        )
+        inner = [Idle(m.parameters()) for m in models]
+        self.opts = graftopt.ring(models, inner, every=1, level=level)
         self.units = self.opts[0].units
         tables = [graftopt.adapters.base.tensor_table(m) for m in models]
         names = [n for u in self.units for n in u.members]
@@ -53,4 +63,4 @@ class Round:
             o.close()
 
 
-__all__ = ["Round", "make_models"]
+__all__ = ["Idle", "Round", "make_models"]

@@ -8,7 +8,7 @@ from torch import nn
 
 import graftopt
 
-from .common import Round
+from .common import Idle, Round
 
 TOTAL = 4_000_000  # parameters per model, split over the layers
 
@@ -49,7 +49,7 @@ class AllToAll:
 
     def __init__(self, models: list[nn.Module]) -> None:
         self.opt = graftopt.GraftOptimizer(
-            torch.optim.SGD(models[0].parameters(), lr=0.0), models[1:], every=1, model=models[0]
+            Idle(models[0].parameters()), models[1:], every=1, model=models[0]
         )
         names = [n for u in self.opt.units for n in u.members]
         tables = [graftopt.adapters.base.tensor_table(m) for m in models]

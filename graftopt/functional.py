@@ -129,7 +129,7 @@ class EntropyPlan:
         lengths = [t.numel() // r if r else 0 for t, r in zip(tensors, self.rows, strict=True)]
         self.sizes = [n for n, r in zip(lengths, self.rows, strict=True) for _ in range(r)]
         self.ck = _c_kernels() if tensors and tensors[0].device.type == "cpu" else None
-        self.counts_of = torch.tensor(self.sizes, dtype=torch.long)
+        self.counts_of = torch.tensor(self.sizes, dtype=torch.float32)
         self.convert: list[int] = []
         self.repoint: list[int] = []
         if self.ck is not None:

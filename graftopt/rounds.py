@@ -193,6 +193,7 @@ class Grafter:
             for i, (u, n) in enumerate((u, n) for u in self.units for n in u.members)
             if n not in u.scored
         ]
+        self._unscored_units = self._unit_of[self._unscored]
         self._scored_finite: list[Tensor | None] = []
         # Blend destinations, reused from round to round on CPU: the one copy simultaneity
         # needs, without fresh allocations each round.
@@ -442,13 +443,16 @@ class Grafter:
         read before anything is blended (CPU tensors of the C kernels' dtypes)."""
         from .kernels import cpu
 
-        probe = self._unscored
         ok = torch.ones(len(self.units), dtype=torch.bool)
         for tensors, scored in zip([plan.host, *plan.peers], plan.scored_finite, strict=True):
-            idx = probe if scored is not None else range(len(self.names))
-            flags = cpu.finite([tensors[i] for i in idx])
-            ok = torch.logical_and(ok, scored) if scored is not None else ok
-            ok = ok.scatter_reduce(0, self._unit_of[list(idx)], flags, "amin")
+            if scored is None:
+                idx, units = range(len(self.names)), self._unit_of
+            else:
+                ok = torch.logical_and(ok, scored)
+                idx, units = self._unscored, self._unscored_units
+            if idx:
+                flags = cpu.finite([tensors[i] for i in idx])
+                ok = ok.scatter_reduce(0, units, flags, "amin")
         return ok
 
     def per_tensor(self, unit_flags: Tensor) -> Tensor:
@@ -478,6 +482,8 @@ class Grafter:
         """Names of the units left as they were, from a blend or its ``unit_ok`` (reading it is
         the round's one host sync)."""
         unit_ok = blend.unit_ok if isinstance(blend, Blend) else blend
+        if unit_ok.all():
+            return ()
         return tuple(u.name for u, ok in zip(self.units, unit_ok.tolist(), strict=True) if not ok)
 
     @torch.no_grad()
