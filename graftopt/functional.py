@@ -305,6 +305,7 @@ class MixPlan:
                 continue
             if (
                 ck is not None
+                and h.device.type == "cpu"
                 and h.dtype in (torch.float32, torch.float64)
                 and _dense(h)
                 and axes[i] in (None, 0)

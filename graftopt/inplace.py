@@ -1,11 +1,13 @@
 """Writing the blends of a round straight into the hosts' tensors, without a weight copy.
 
 A round's blends must read every model as it was before the round. Written through buffers,
-that costs one copy of the weights and a second pass to copy them back. On CPU, when every
-tensor of the round takes the C kernels' path, :class:`InPlaceRound` instead blends each chunk
-of a tensor for every host that reads or writes it into a small per-thread scratch, and writes
-the chunk back only then: each blend still reads pre-round values, and each weight is read once
-and written once.
+that costs one copy of the weights and a second pass to copy them back. On CPU,
+:class:`InPlaceRound` instead blends each chunk of a tensor for every host that reads or writes
+it into a small per-thread scratch, and writes the chunk back only then: each blend still reads
+pre-round values, and each weight is read once and written once. That covers the tensors that
+ride the C mix (dense float32 or float64, filters along dim 0); the few others (a filter axis
+elsewhere, half precision, a peer of another dtype) are blended into new tensors before the
+kernel runs and copied in after it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from . import functional as F
 from .kernels import cpu
 
 if TYPE_CHECKING:
@@ -53,47 +56,82 @@ class InPlaceRound:
     Built by :func:`in_place_round` for plans of one layout; :meth:`run` writes a round.
     """
 
-    def __init__(self, plans: Sequence[RoundPlan], kernel: cpu.GroupMix | None) -> None:
+    def __init__(
+        self,
+        plans: Sequence[RoundPlan],
+        kernel: cpu.GroupMix | None,
+        picked: Sequence[list[int]] = (),
+        others: Sequence[tuple[list[int], F.MixPlan | None]] = (),
+    ) -> None:
         self.key = tuple(p.key for p in plans)
         self.kernel = kernel
+        self.picked = [torch.tensor(idx, dtype=torch.long) for idx in picked]  # the kernel's
+        self.others = list(others)  # per host: the rest, and how they blend
 
     @property
     def possible(self) -> bool:
         """Whether these plans' tensors can be blended in place."""
         return self.kernel is not None
 
+    @torch.no_grad()
     def run(self, grafters: Sequence[Grafter], plans: Sequence[RoundPlan]) -> list[Tensor]:
         """Write every host's blend, leaving units with NaN or Inf as they were; per host, its
         ``unit_ok``."""
         if self.kernel is None:
             raise RuntimeError("these plans cannot be blended in place")
         oks = [g.unit_ok(p) for g, p in zip(grafters, plans, strict=True)]
-        skip = torch.cat([~g.per_tensor(ok) for g, ok in zip(grafters, oks, strict=True)])
+        # Tensors the kernel does not take (another dtype or filter axis, half precision) are
+        # blended first, into new tensors, while every weight still holds its pre-round value.
+        extra = []
+        for p, (idx, sub) in zip(plans, self.others, strict=True):
+            if sub is None:
+                extra.append([])
+                continue
+            hosts = [p.host[i] for i in idx]
+            peers = [[q[i] for i in idx] for q in p.peers]
+            extra.append(sub.run(hosts, peers, p.table, None)[0])
+        skip = torch.cat(
+            [~g.per_tensor(ok)[i] for g, ok, i in zip(grafters, oks, self.picked, strict=True)]
+        )
         self.kernel.run([p.table for p in plans], skip)
-        for g in grafters:
+        for g, p, ok, (idx, _), values in zip(
+            grafters, plans, oks, self.others, extra, strict=True
+        ):
+            if values:
+                flags = g.per_tensor(ok)[idx].tolist()
+                keep = [k for k, good in enumerate(flags) if good]
+                torch._foreach_copy_([p.host[idx[k]] for k in keep], [values[k] for k in keep])
             g.release()
         return oks
 
 
-def _kernel(plans: Sequence[RoundPlan]) -> cpu.GroupMix | None:
+def _build(plans: Sequence[RoundPlan]) -> InPlaceRound:
+    """The kernel takes the tensors of each host that ride the C mix (of one dtype across the
+    group); the rest are blended aside."""
+    impossible = InPlaceRound(plans, None)
     mixers = [p.mixer for p in plans]
-    if not all(m.whole for m in mixers):
-        return None
-    hosts = [t for p in plans for t in p.host]
-    if not hosts or len({t.dtype for t in hosts}) != 1:
-        return None
-    # Writes must not overlap; a read either is exactly some job's write or touches none.
+    if any(m.ck is None for m in mixers):
+        return impossible
+    dtypes = {p.host[e[0][0]].dtype for p, m in zip(plans, mixers, strict=True) for e in m.fast}
+    if not dtypes:
+        return impossible
+    dtype = torch.float32 if torch.float32 in dtypes else torch.float64
+    picked = [
+        next((e[0] for e in m.fast if p.host[e[0][0]].dtype == dtype), [])
+        for p, m in zip(plans, mixers, strict=True)
+    ]
+    # Writes must not overlap; a read of the kernel either is exactly one of its writes or
+    # touches none of them (the tensors blended aside are written after the kernel has run).
+    every = sorted(_span(t) for p in plans for t in p.host)
+    for a, b in itertools.pairwise(every):
+        if b[0] < a[1]:
+            return impossible
+    hosts = [p.host[i] for p, idx in zip(plans, picked, strict=True) for i in idx]
+    peers = [[q[i] for q in p.peers] for p, idx in zip(plans, picked, strict=True) for i in idx]
     writes = sorted((_span(t), i) for i, t in enumerate(hosts))
     starts = [w[0][0] for w in writes]
-    for a, b in itertools.pairwise(writes):
-        if b[0][0] < a[0][1]:
-            return None
     exact = {w[0]: w[1] for w in writes}
     sets = _Sets(len(hosts))
-    peers: list[list[Tensor]] = []
-    for p in plans:
-        for i in range(len(p.host)):
-            peers.append([q[i] for q in p.peers])
     for i, reads in enumerate(peers):
         for t in reads:
             span = _span(t)
@@ -104,27 +142,41 @@ def _kernel(plans: Sequence[RoundPlan]) -> cpu.GroupMix | None:
             k = bisect.bisect_right(starts, span[0]) - 1
             near = [w for w in writes[max(k, 0) : k + 2] if w[0][0] < span[1] and span[0] < w[0][1]]
             if near and span[1] > span[0]:
-                return None
+                return impossible
     groups: dict[int, list[int]] = {}
     for i in range(len(hosts)):
         groups.setdefault(sets.find(i), []).append(i)
     table_of, columns, row_len = [], [], []
-    for k, (p, m) in enumerate(zip(plans, mixers, strict=True)):
-        for h, col, ax in zip(p.host, m.columns, m.axes, strict=True):
+    others = []
+    for k, (p, m, idx) in enumerate(zip(plans, mixers, picked, strict=True)):
+        for i in idx:
+            ax, h = m.axes[i], p.host[i]
             table_of.append(k)
-            columns.append(col)
+            columns.append(m.columns[i])
             row_len.append(0 if ax is None or not h.dim() else h[0].numel())
-    return cpu.GroupMix(hosts, peers, table_of, columns, row_len, list(groups.values()))
+        taken = set(idx)
+        rest = [i for i in range(len(p.host)) if i not in taken]
+        sub = None
+        if rest:
+            sub = F.MixPlan(
+                [p.host[i] for i in rest],
+                [[q[i] for i in rest] for q in p.peers],
+                [m.columns[i] for i in rest],
+                [m.axes[i] for i in rest],
+            )
+        others.append((rest, sub))
+    kernel = cpu.GroupMix(hosts, peers, table_of, columns, row_len, list(groups.values()))
+    return InPlaceRound(plans, kernel, picked, others)
 
 
 def in_place_round(plans: Sequence[RoundPlan], kept: InPlaceRound | None = None) -> InPlaceRound:
     """The :class:`InPlaceRound` of these plans; not :attr:`~InPlaceRound.possible` when their
-    tensors cannot be blended in place (not all on the C kernels' path, mixed dtypes, or
-    overlapping memory).
+    tensors cannot be blended in place (not on CPU with the C kernels, none on the C mix's path,
+    or overlapping memory).
 
     ``kept``: the one made for an earlier round, reused when the plans' layouts are the same.
     """
     key = tuple(p.key for p in plans)
     if kept is not None and kept.key == key:
         return kept
-    return InPlaceRound(plans, _kernel(plans))
+    return _build(plans)

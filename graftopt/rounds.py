@@ -25,6 +25,7 @@ from .adapters import Adapter, get_adapter
 from .adapters.base import TensorRefs, Unit, tensor_table, unwrap
 from .diagnostics import RoundRecord
 from .inplace import InPlaceRound, in_place_round
+from .kernels import cpu
 from .peers import _SNAPSHOTS, ModulePeers, PeerSource, read_tensors
 
 __all__ = ["Blend", "GraftSettings", "Grafter", "Participant", "RoundPlan", "graft_"]
@@ -110,6 +111,19 @@ class RoundPlan:
     key: tuple
     mixer: F.MixPlan
     scored_finite: list[Tensor | None]
+
+
+def _finite(tensors: Sequence[Tensor]) -> Tensor:
+    """bool ``(T,)`` on CPU: whether each tensor is free of NaN and Inf."""
+    probed = [t.device.type == "cpu" and t.dtype in cpu.DTYPES and cpu.dense(t) for t in tensors]
+    if all(probed):
+        return cpu.finite(tensors)
+    return torch.stack(
+        [
+            cpu.finite([t])[0] if p else t.isfinite().all().cpu()
+            for t, p in zip(tensors, probed, strict=True)
+        ]
+    )
 
 
 def _fits(buffer: Tensor, t: Tensor) -> bool:
@@ -439,10 +453,8 @@ class Grafter:
         return Blend(values, unit_ok, plan.record)
 
     def unit_ok(self, plan: RoundPlan) -> Tensor:
-        """bool ``(units,)``: units whose tensors are finite in the host and in every peer,
-        read before anything is blended (CPU tensors of the C kernels' dtypes)."""
-        from .kernels import cpu
-
+        """bool ``(units,)`` on CPU: units whose tensors are finite in the host and in every
+        peer, read before anything is blended."""
         ok = torch.ones(len(self.units), dtype=torch.bool)
         for tensors, scored in zip([plan.host, *plan.peers], plan.scored_finite, strict=True):
             if scored is None:
@@ -451,8 +463,7 @@ class Grafter:
                 ok = torch.logical_and(ok, scored)
                 idx, units = self._unscored, self._unscored_units
             if idx:
-                flags = cpu.finite([tensors[i] for i in idx])
-                ok = ok.scatter_reduce(0, units, flags, "amin")
+                ok = ok.scatter_reduce(0, units, _finite([tensors[i] for i in idx]), "amin")
         return ok
 
     def per_tensor(self, unit_flags: Tensor) -> Tensor:

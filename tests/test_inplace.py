@@ -215,3 +215,48 @@ def test_kept_in_place_round_follows_changed_tensors(monkeypatch):
         for a, b in zip(pairs["in place"], pairs["buffered"], strict=True):
             for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
                 assert torch.equal(x, y), name
+
+
+class _Partly(torch.nn.Module):
+    """A transposed conv (filters along dim 1) and a float64 head beside float32 layers: at
+    filter level the kernel takes only some tensors, the others are blended aside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.up = torch.nn.ConvTranspose2d(4, 6, 3)
+        self.bn_up = torch.nn.BatchNorm2d(6)
+        self.fc = torch.nn.Linear(6, 3).double()
+
+
+def _partly(seed):
+    torch.manual_seed(seed)
+    return _Partly()
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_tensors_outside_the_kernel_are_blended_aside(monkeypatch, poison):
+    results = {}
+    for mode in ("in place", "buffered"):
+        models = [_partly(s) for s in range(3)]
+        if poison:
+            with torch.no_grad():
+                models[1].up.weight[0, 0, 0, 0] = float("nan")
+        opts = _ring(models, level="filter")
+        with monkeypatch.context() as m, contextlib.ExitStack() as stack:
+            if mode == "buffered":
+                m.setattr(InPlaceRound, "possible", False)
+            if poison:
+                stack.enter_context(pytest.warns(RuntimeWarning, match="up"))
+            for o in opts:
+                o.step()
+        if mode == "in place":
+            used = opts[0]._participant.in_place[0]
+            assert used.possible and any(idx for idx, _ in used.others)
+        results[mode] = models
+    for a, b in zip(results["in place"], results["buffered"], strict=True):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert x.dtype == y.dtype and torch.equal(x.nan_to_num(), y.nan_to_num()), name
+    if poison:  # model 2 reads model 1: its transposed conv stays as it was
+        assert torch.equal(results["in place"][2].up.weight, _partly(2).up.weight)
