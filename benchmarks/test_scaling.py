@@ -39,7 +39,7 @@ def test_layers_at_fixed_size(benchmark, layers, impl):
         model=f"stack{layers}", k=2, level="layer", impl=impl, layers=layers
     )
     try:
-        benchmark.pedantic(getattr(r, impl), rounds=10, warmup_rounds=1)
+        benchmark.pedantic(getattr(r, impl), rounds=30, warmup_rounds=3)
     finally:
         r.close()
 
@@ -71,6 +71,6 @@ def test_peers(benchmark, peers, impl):
     benchmark.group = "scaling: peers of one host (4M params, 100 layers)"
     benchmark.extra_info.update(model="stack100", peers=peers, level="layer", impl=impl)
     try:
-        benchmark.pedantic(getattr(r, impl), rounds=10, warmup_rounds=1)
+        benchmark.pedantic(getattr(r, impl), rounds=30, warmup_rounds=3)
     finally:
         r.opt.close()

@@ -643,11 +643,19 @@ int graft_segment_hist(int64_t nsrc, const int64_t *ptrs, const int64_t *rows,
                 float lo, hi, z;
                 range_any(fast, p, dtypes[s], (r0 + r) * n, n, &lo, &hi, &z);
                 finite[seg] = z == 0.0f;
-                /* prefetch the next row while this one is counted in cache */
+                /* prefetch the next row while this one is counted in cache (the first row of
+                   the next task after a task's last row) */
                 int es = elem_size(dtypes[s]);
                 const char *pf = r0 + r + 1 < rows[s] ? (const char *)p + (r0 + r + 1) * n * es : 0;
+                int64_t pfl = n * es;
+                if (!pf && j + 1 < ntask) {
+                    int64_t s2 = task[4 * (j + 1)], n2 = row_len[s2];
+                    int es2 = elem_size(dtypes[s2]);
+                    pf = (const char *)(intptr_t)ptrs[s2] + task[4 * (j + 1) + 2] * n2 * es2;
+                    pfl = n2 * es2;
+                }
                 if (n > 0)
-                    hist_any(fast, p, dtypes[s], (r0 + r) * n, n, lo, hi, bins, pf, n * es,
+                    hist_any(fast, p, dtypes[s], (r0 + r) * n, n, lo, hi, bins, pf, pfl,
                              counts + seg * bins);
             }
         }
@@ -773,6 +781,15 @@ int graft_mix(int64_t ntensor, const int64_t *out_ptrs, const int64_t *host_ptrs
             _Pragma("omp for schedule(dynamic, 4)") for (int64_t c = 0; c < nchunk; c++) {         \
                 int64_t s = ck_set[c], a = ck_start[c], j0 = set_start[s], j1 = set_start[s + 1];  \
                 int64_t e = a + GROUP_CHUNK < numel[j0] ? a + GROUP_CHUNK : numel[j0];             \
+                /* The start of the next tensors (most likely this thread's next chunk): the   \
+                   hardware prefetcher follows a tensor, not the jump to the next one. */        \
+                if (c + 1 < nchunk && ck_start[c + 1] == 0) {                                      \
+                    int64_t s2 = ck_set[c + 1], n2 = numel[set_start[s2]];                         \
+                    int64_t len = (n2 < GROUP_CHUNK ? n2 : GROUP_CHUNK) * sizeof(T);               \
+                    for (int64_t i = set_start[s2]; i < set_start[s2 + 1]; i++)                    \
+                        for (int64_t b = 0; b < len; b += 64)                                      \
+                            __builtin_prefetch((const char *)(intptr_t)live[i] + b);               \
+                }                                                                                  \
                 for (int64_t i = j0; i < j1; i++) {                                                \
                     if (skip[i]) continue;                                                         \
                     int64_t k = table_of[i], rl = row_len[i] > 0 ? row_len[i] : numel[i];          \
