@@ -6,11 +6,11 @@ from . import models as models  # registers the CIFAR networks with timm
 from .diagnostics import InvalidFilters as InvalidFilters
 from .diagnostics import RoundRecord as RoundRecord
 from .diagnostics import invalid_filters as invalid_filters
+from .grafter import GraftSettings as GraftSettings
 from .optimizer import GraftOptimizer as GraftOptimizer
 from .optimizer import ring as ring
 from .peers import ModulePeers as ModulePeers
 from .peers import PeerSource as PeerSource
-from .rounds import GraftSettings as GraftSettings
 from .rounds import graft_ as graft_
 
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ from .peers import PeerSource, read_tensors
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-    from .rounds import GraftSettings
+    from .grafter import GraftSettings
 
 __all__ = [
     "AllPeers",
@@ -649,7 +649,7 @@ def _benchmark(argv: Sequence[str] | None = None) -> None:
     import timm  # the package's import registered the CIFAR networks with it
 
     from .adapters import get_adapter
-    from .rounds import GraftSettings
+    from .grafter import GraftSettings
 
     parser = argparse.ArgumentParser(
         prog="python -m graftopt.distributed", description=_benchmark.__doc__

@@ -24,7 +24,7 @@ from . import functional as F
 from .kernels import cpu
 
 if TYPE_CHECKING:
-    from .rounds import Grafter, RoundPlan
+    from .grafter import Grafter, RoundPlan
 
 __all__ = ["InPlaceRound", "in_place_round"]
 

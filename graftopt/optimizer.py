@@ -14,8 +14,9 @@ from torch.optim import Optimizer
 
 from .adapters import Adapter, Unit, get_adapter, unwrap
 from .diagnostics import RoundRecord
+from .grafter import Grafter, GraftSettings
 from .peers import ModulePeers, PeerSource
-from .rounds import Grafter, GraftSettings, Participant
+from .rounds import Participant
 
 __all__ = ["GraftOptimizer", "ring"]
 

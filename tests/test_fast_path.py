@@ -13,9 +13,9 @@ from torch import nn
 
 from graftopt import functional as F
 from graftopt.adapters import GenericAdapter
+from graftopt.grafter import Grafter, GraftSettings
 from graftopt.kernels import cpu
 from graftopt.peers import ModulePeers
-from graftopt.rounds import Grafter, GraftSettings
 
 from .conftest import make_net
 
