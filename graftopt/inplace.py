@@ -94,6 +94,8 @@ class InPlaceRound:
             [~g.per_tensor(ok)[i] for g, ok, i in zip(grafters, oks, self.picked, strict=True)]
         )
         self.kernel.run([p.table for p in plans], skip)
+        # The kernel writes through raw pointers: tell autograd, as an in-place op would.
+        torch.autograd.graph.increment_version([t for p in plans for t in p.host])
         for g, p, ok, (idx, _), values in zip(
             grafters, plans, oks, self.others, extra, strict=True
         ):

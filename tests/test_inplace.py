@@ -260,3 +260,18 @@ def test_tensors_outside_the_kernel_are_blended_aside(monkeypatch, poison):
             assert x.dtype == y.dtype and torch.equal(x.nan_to_num(), y.nan_to_num()), name
     if poison:  # model 2 reads model 1: its transposed conv stays as it was
         assert torch.equal(results["in place"][2].up.weight, _partly(2).up.weight)
+
+
+def test_in_place_round_bumps_version_counters():
+    """Autograd sees the round as an in-place change: a graph saved before it refuses to run."""
+    host, peer = make_net(0), make_net(1)
+    opts = _ring([host, peer])
+    host.eval()
+    out = host(torch.randn(2, 1, 6, 6)).sum()  # eval-mode norms save running statistics
+    before = host.bn1.running_var._version
+    for o in opts:
+        o.step()
+    assert opts[0]._participant.in_place[0].possible
+    assert host.bn1.running_var._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
