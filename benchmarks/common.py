@@ -11,12 +11,30 @@ import graftopt
 from . import reference
 
 
-def make_models(name: str, k: int) -> list[nn.Module]:
+def make_models(name: str, k: int, device: torch.device | str = "cpu") -> list[nn.Module]:
     models = []
     for seed in range(k):
         torch.manual_seed(seed)
-        models.append(timm.create_model(name, pretrained=False).eval())
+        models.append(timm.create_model(name, pretrained=False).eval().to(device))
     return models
+
+
+def describe(device: torch.device) -> str:
+    """The device as the result tables name it (with the GPU's name on CUDA)."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def synced(fn):
+    """``fn`` followed by a wait for the device of its models, so a timing covers its work."""
+
+    def run() -> None:
+        fn()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    return run
 
 
 class Idle(torch.optim.Optimizer):
@@ -63,4 +81,4 @@ class Round:
             o.close()
 
 
-__all__ = ["Idle", "Round", "make_models"]
+__all__ = ["Idle", "Round", "describe", "make_models", "synced"]

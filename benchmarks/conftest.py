@@ -21,5 +21,19 @@ def _no_grad():
         yield
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device", default="cpu", help="where the benchmarks' models live (cpu, cuda, cuda:1)"
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    d = torch.device(request.config.getoption("--device"))
+    if d.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: no CUDA device here")
+    return d
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "benchmark_suite: a timing benchmark (benchmarks/)")

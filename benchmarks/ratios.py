@@ -23,8 +23,10 @@ def table(path: str) -> str:
         label = b["group"] + "".join(f", {k}={v}" for k, v in extra.items())
         groups[label][impl] = b["stats"]["min"] * 1e3
     machine = data.get("machine_info", {})
+    devices = sorted({b["extra_info"].get("device", "cpu") for b in data["benchmarks"]})
     lines = [
-        f"machine: {machine.get('cpu', {}).get('brand_raw', '?')}, torch threads as configured",
+        f"machine: {machine.get('cpu', {}).get('brand_raw', '?')}, torch threads as configured; "
+        f"device: {', '.join(devices)}",
         "",
     ]
     lines += [

@@ -38,7 +38,7 @@ def filter_entropy(w: Tensor, bins: int = 10) -> Tensor:
     x = w.detach().float().reshape(w.shape[0], -1)
     lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
     step = (hi - lo) / bins
-    h = torch.zeros(x.shape[0])
+    h = torch.zeros(x.shape[0], device=x.device)
     for k in range(bins):
         left = lo + k * step
         inside = (x >= left) & ((x < left + step) if k < bins - 1 else (x <= hi))

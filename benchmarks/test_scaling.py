@@ -8,7 +8,7 @@ from torch import nn
 
 import graftopt
 
-from .common import Idle, Round
+from .common import Idle, Round, describe, synced
 
 TOTAL = 4_000_000  # parameters per model, split over the layers
 
@@ -22,24 +22,29 @@ class Stack(nn.Module):
         self.body = nn.Sequential(*(nn.Linear(side, side, bias=False) for _ in range(layers)))
 
 
-def _stacks(layers: int, k: int) -> list[nn.Module]:
+def _stacks(layers: int, k: int, device: torch.device | str = "cpu") -> list[nn.Module]:
     out = []
     for seed in range(k):
         torch.manual_seed(seed)
-        out.append(Stack(layers))
+        out.append(Stack(layers).to(device))
     return out
 
 
 @pytest.mark.parametrize("impl", ["graftopt", "floor"])
 @pytest.mark.parametrize("layers", [10, 100, 1000])
-def test_layers_at_fixed_size(benchmark, layers, impl):
-    r = Round(_stacks(layers, 2), "layer")
+def test_layers_at_fixed_size(benchmark, layers, impl, device):
+    r = Round(_stacks(layers, 2, device), "layer")
     benchmark.group = "scaling: layers at fixed size (4M params, k=2)"
     benchmark.extra_info.update(
-        model=f"stack{layers}", k=2, level="layer", impl=impl, layers=layers
+        model=f"stack{layers}",
+        k=2,
+        level="layer",
+        impl=impl,
+        layers=layers,
+        device=describe(device),
     )
     try:
-        benchmark.pedantic(getattr(r, impl), rounds=30, warmup_rounds=3)
+        benchmark.pedantic(synced(getattr(r, impl)), rounds=30, warmup_rounds=3)
     finally:
         r.close()
 
@@ -66,11 +71,13 @@ class AllToAll:
 
 @pytest.mark.parametrize("impl", ["graftopt", "floor"])
 @pytest.mark.parametrize("peers", [1, 2, 4, 8])
-def test_peers(benchmark, peers, impl):
-    r = AllToAll(_stacks(100, peers + 1))
+def test_peers(benchmark, peers, impl, device):
+    r = AllToAll(_stacks(100, peers + 1, device))
     benchmark.group = "scaling: peers of one host (4M params, 100 layers)"
-    benchmark.extra_info.update(model="stack100", peers=peers, level="layer", impl=impl)
+    benchmark.extra_info.update(
+        model="stack100", peers=peers, level="layer", impl=impl, device=describe(device)
+    )
     try:
-        benchmark.pedantic(getattr(r, impl), rounds=30, warmup_rounds=3)
+        benchmark.pedantic(synced(getattr(r, impl)), rounds=30, warmup_rounds=3)
     finally:
         r.opt.close()
