@@ -144,14 +144,15 @@ def test_graft_function_writes_in_place_like_the_optimizer():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_group_kernel_across_chunks_rows_and_sets(dtype):
     g = torch.Generator().manual_seed(0)
-    # Rows of 3000 cross the kernel's 4096-element chunks; three hosts read each other.
-    shapes = [(7, 3000), (10001,), (1,), (0,)]
+    # Rows of 3000 cross the kernel's 4096-element chunks, rows of 3 its short-row blocks;
+    # three hosts read each other.
+    shapes = [(7, 3000), (10001,), (1,), (0,), (1500, 3)]
     k = 3
     live = [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(k)]
     before = [[t.clone() for t in m] for m in live]
-    tables = [torch.rand(k - 1, 12, generator=g) for _ in range(k)]
-    columns, axes = [0, 7, 8, 9], [0, None, None, None]
-    row_len = [3000, 0, 0, 0]
+    tables = [torch.rand(k - 1, 1510, generator=g) for _ in range(k)]
+    columns, axes = [0, 7, 8, 9, 10], [0, None, None, None, 0]
+    row_len = [3000, 0, 0, 0, 3]
     skip = torch.zeros(k * len(shapes), dtype=torch.bool)
     skip[len(shapes) + 1] = True  # host 1's second tensor stays
     jobs, peers = [], []

@@ -677,6 +677,31 @@ int graft_segment_hist(int64_t nsrc, const int64_t *ptrs, const int64_t *rows,
     return 0;
 }
 
+#define SHORT_ROW 64    /* rows shorter than this take the per-value alpha loop */
+#define SHORT_BLOCK 1024
+
+/* o[x] (+)= W * h[x] + V * q[x] over [i, stop) for peer j, W and V expressions of x; z collects
+   the NaN/Inf probe of h (first peer) and q. */
+#define MIX_TERMS(T, W, V)                                                                         \
+    if (j == 0) {                                                                                  \
+        _Pragma("omp simd reduction(+ : z)") for (int64_t x = i; x < stop; x++) {                  \
+            T t1 = (W) * h[x], t2 = (V) * q[x];                                                    \
+            o[x] = t1 + t2;                                                                        \
+            z += h[x] * (T)0 + q[x] * (T)0;                                                        \
+        }                                                                                          \
+    } else {                                                                                       \
+        _Pragma("omp simd reduction(+ : z)") for (int64_t x = i; x < stop; x++) {                  \
+            T t1 = (W) * h[x], t2 = (V) * q[x];                                                    \
+            o[x] = o[x] + (t1 + t2);                                                               \
+            z += q[x] * (T)0;                                                                      \
+        }                                                                                          \
+    }
+#define MIX_MEAN(T)                                                                                \
+    if (m > 1) {                                                                                   \
+        T dm = (T)m;                                                                               \
+        _Pragma("omp simd") for (int64_t x = i; x < stop; x++) o[x] = o[x] / dm;                   \
+    }
+
 /* o[x - a] = (1/m) * sum_j (a_j * h[x] + (1 - a_j) * p_j[x]) for x in [a, e) of one tensor, in
    the order of operations of graftopt.functional.mix. Row r (of rl elements) against peer j uses
    arow[j * astride + r]; peer j is peer_ptrs[j * pstride]. Returns a NaN/Inf probe: non-zero when
@@ -686,29 +711,32 @@ int graft_segment_hist(int64_t nsrc, const int64_t *ptrs, const int64_t *rows,
                          const float *arow, int64_t astride, int64_t rl, int64_t a, int64_t e) {   \
         T z = 0;                                                                                   \
         o -= a;                                                                                    \
+        if (rl < SHORT_ROW) { /* short rows: the alphas spelled out per value, then one loop */    \
+            T wb[SHORT_BLOCK];                                                                     \
+            for (int64_t i = a; i < e; i += SHORT_BLOCK) {                                         \
+                int64_t stop = i + SHORT_BLOCK < e ? i + SHORT_BLOCK : e;                          \
+                const T *wv = wb - i;                                                              \
+                for (int j = 0; j < m; j++) {                                                      \
+                    const T *q = (const T *)(intptr_t)peer_ptrs[(int64_t)j * pstride];             \
+                    for (int64_t x = i; x < stop;) {                                               \
+                        int64_t r = x / rl, end = (r + 1) * rl < stop ? (r + 1) * rl : stop;       \
+                        T w = (T)arow[j * astride + r];                                            \
+                        for (; x < end; x++) wb[x - i] = w;                                        \
+                    }                                                                              \
+                    MIX_TERMS(T, wv[x], ((T)1 - wv[x]))                                            \
+                }                                                                                  \
+                MIX_MEAN(T)                                                                        \
+            }                                                                                      \
+            return z;                                                                              \
+        }                                                                                          \
         for (int64_t i = a; i < e;) {                                                              \
             int64_t r = i / rl, stop = (r + 1) * rl < e ? (r + 1) * rl : e;                        \
             for (int j = 0; j < m; j++) {                                                          \
                 const T *q = (const T *)(intptr_t)peer_ptrs[(int64_t)j * pstride];                 \
                 T w = (T)arow[j * astride + r], v = (T)1 - w;                                      \
-                if (j == 0) {                                                                      \
-                    _Pragma("omp simd reduction(+ : z)") for (int64_t x = i; x < stop; x++) {      \
-                        T t1 = w * h[x], t2 = v * q[x];                                            \
-                        o[x] = t1 + t2;                                                            \
-                        z += h[x] * (T)0 + q[x] * (T)0;                                            \
-                    }                                                                              \
-                } else {                                                                           \
-                    _Pragma("omp simd reduction(+ : z)") for (int64_t x = i; x < stop; x++) {      \
-                        T t1 = w * h[x], t2 = v * q[x];                                            \
-                        o[x] = o[x] + (t1 + t2);                                                   \
-                        z += q[x] * (T)0;                                                          \
-                    }                                                                              \
-                }                                                                                  \
+                MIX_TERMS(T, w, v)                                                                 \
             }                                                                                      \
-            if (m > 1) {                                                                           \
-                T dm = (T)m;                                                                       \
-                _Pragma("omp simd") for (int64_t x = i; x < stop; x++) o[x] = o[x] / dm;           \
-            }                                                                                      \
+            MIX_MEAN(T)                                                                            \
             i = stop;                                                                              \
         }                                                                                          \
         return z;                                                                                  \
