@@ -62,7 +62,9 @@ def _segment_entropy_torch(values: Tensor, lengths: Sequence[int], bins: int) ->
 
 
 def _entropy_of_counts(counts: Tensor, sizes: Tensor) -> Tensor:
-    p = counts.float() / sizes.to(device=counts.device, dtype=torch.float32).unsqueeze(1)
+    # An empty segment has no values and no information: entropy 0, not 0/0.
+    sizes = sizes.to(device=counts.device, dtype=torch.float32).clamp(min=1)
+    p = counts.float() / sizes.unsqueeze(1)
     return -torch.special.xlogy(p, p).sum(dim=1)
 
 
@@ -142,6 +144,8 @@ class EntropyPlan:
             ]
             self.repoint = sorted(set(self.convert) | set(fresh))
         self.histogram = None
+        # The kernel reads float64 as float32: huge finite values would look like Inf.
+        self.flags_exact = all(t.dtype != torch.float64 for t in tensors)
 
     def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
         """The entropies of ``tensors``, as :func:`entropies` gives them."""
@@ -162,7 +166,7 @@ class EntropyPlan:
                 for i in self.repoint:
                     self.histogram.point(i, srcs[i])
             counts, finite = self.histogram.run(self.bins)
-            return _entropy_of_counts(counts, self.counts_of), finite
+            return _entropy_of_counts(counts, self.counts_of), finite if self.flags_exact else None
         flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
         return segment_entropy(flat, self.sizes, bins=self.bins), None
 
@@ -255,6 +259,13 @@ def mix(
     return out
 
 
+def row_length(t: Tensor, axis: int | None) -> int:
+    """Values per alpha of a tensor blended along dim ``axis`` (0 or None): 0 for one alpha."""
+    if axis is None or not t.dim() or not t.shape[0]:
+        return 0
+    return t.numel() // t.shape[0]
+
+
 def _dense(t: Tensor) -> bool:
     if t.is_contiguous():
         return True
@@ -327,6 +338,11 @@ class MixPlan:
         self.rest = [i for i in range(T) if i not in covered]
         self.rest_at = torch.tensor(self.rest, dtype=torch.long)
 
+    def release(self) -> None:
+        """Let go of the destinations kept from the last run (their memory can be freed)."""
+        for entry in self.fast:
+            entry[3] = None
+
     def _kernel(
         self, entry: list, hosts: Sequence[Tensor], peers: Sequence[Sequence[Tensor]], out: list
     ) -> tuple[list[Tensor], object]:
@@ -337,10 +353,7 @@ class MixPlan:
             return kept, kernel
         dst = [o if o is not None else torch.empty_like(hosts[i]) for o, i in zip(given, idx)]
         if kernel is None:
-            row_len = [
-                0 if self.axes[i] is None or not hosts[i].dim() else hosts[i][0].numel()
-                for i in idx
-            ]
+            row_len = [row_length(hosts[i], self.axes[i]) for i in idx]
             kernel = self.ck.Mix(
                 dst, [hosts[i] for i in idx], [[p[i] for i in idx] for p in peers],
                 [self.columns[i] for i in idx], row_len,

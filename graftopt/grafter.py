@@ -352,6 +352,22 @@ class Grafter:
             alphas = torch.cat(cols, dim=1)
         return h_scores, p_scores, alphas, slots
 
+    def _check_writable(self) -> None:
+        """Refuse, before anything is written, host tensors a round could not write whole."""
+        for name, t in zip(self.names, self.live(), strict=True):
+            if t.is_inference():
+                raise ValueError(
+                    f"{type(self.host).__name__}.{name} is an inference tensor (made under "
+                    "torch.inference_mode()): a graft round cannot write it; clone the model's "
+                    "tensors outside inference mode"
+                )
+            if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride(), strict=True)):
+                raise ValueError(
+                    f"{type(self.host).__name__}.{name} has shape {tuple(t.shape)} and stride "
+                    f"{t.stride()}: its elements share memory (an expanded view), so a graft "
+                    "round cannot write it; give it its own memory (.contiguous())"
+                )
+
     def _columns(
         self, host: Sequence[Tensor], slots: Sequence[int]
     ) -> tuple[list[int], list[int | None]]:
@@ -387,7 +403,7 @@ class Grafter:
         ``cache`` (one dict per commit) shares the scores of a model between the hosts that
         read it in one round.
         """
-        memo = {} if cache is None else cache.setdefault(_Key, {})
+        memo = {} if cache is None else cache.setdefault("layout keys", {})
         layouts = [self._layout_key(host, memo), *(self._layout_key(p, memo) for p in peers)]
         self._used_plans = {}
         try:
@@ -398,6 +414,7 @@ class Grafter:
             self._interned, self._seen = self._seen, {}
         host_key = (self.settings, layouts[0], tuple(slots))
         if self._host_plan is None or self._host_plan[0] != host_key:
+            self._check_writable()
             columns, axes = self._columns(host, slots)
             lengths = torch.tensor(slots, device=alphas.device)
             self._host_plan = (host_key, columns, axes, lengths)
@@ -467,6 +484,8 @@ class Grafter:
 
     def release(self) -> None:
         """Drop the kept blend buffers (a round wrote in place and needs none)."""
+        if self._mix is not None:
+            self._mix[1].release()
         self._out = [None] * len(self.names)
         self._out_key = self._fit = None
 

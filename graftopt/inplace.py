@@ -46,8 +46,12 @@ class _Sets:
 
 
 def _span(t: Tensor) -> tuple[int, int]:
+    """The bytes ``t`` can touch, gaps included."""
     start = t.data_ptr()
-    return start, start + t.numel() * t.element_size()
+    if not t.numel():
+        return start, start
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    return start, start + (last + 1) * t.element_size()
 
 
 class InPlaceRound:
@@ -155,7 +159,7 @@ def _build(plans: Sequence[RoundPlan]) -> InPlaceRound:
             ax, h = m.axes[i], p.host[i]
             table_of.append(k)
             columns.append(m.columns[i])
-            row_len.append(0 if ax is None or not h.dim() else h[0].numel())
+            row_len.append(F.row_length(h, ax))
         taken = set(idx)
         rest = [i for i in range(len(p.host)) if i not in taken]
         sub = None

@@ -215,9 +215,11 @@ def _commit(group: Sequence[Participant], r: int) -> None:
     grafters = [p.grafter for p in group]
     snapshots = [_SNAPSHOTS.get(p.host) for p in group]
     oks = _write_round(grafters, plans, snapshots, group[0].in_place)
-    for p, plan, ok in zip(group, plans, oks, strict=True):
+    # The round is written: every member moves on before any warning or callback can raise.
+    for p in group:
         _SNAPSHOTS.pop(p.host, None)
         p.committed = r
+    for p, plan, ok in zip(group, plans, oks, strict=True):
         rec = dataclasses.replace(
             plan.record, round=r, step=r * p.every, skipped=p.grafter.skipped(ok)
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import warnings
 
 import pytest
 import torch
@@ -276,3 +278,89 @@ def test_in_place_round_bumps_version_counters():
     assert host.bn1.running_var._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+def _seq(seed, *sizes, dtype=torch.float32):
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(sizes)]
+    return torch.nn.Sequential(*layers).to(dtype)
+
+
+def _both_paths(build, run, monkeypatch):
+    """``run(build())`` in place and through buffers; the two models' state dicts."""
+    out = []
+    for buffered in (False, True):
+        models = build()
+        with monkeypatch.context() as m:
+            if buffered:
+                m.setattr(InPlaceRound, "possible", False)
+            run(models)
+        out.append(models)
+    return out
+
+
+def test_buffers_kept_from_buffered_rounds_are_released_in_place():
+    a, b, p = _seq(0, 64, 64, 8), _seq(1, 64, 64, 8), _seq(2, 64, 64, 8)
+    oa = GraftOptimizer(torch.optim.SGD(a.parameters(), lr=0.0), [p], every=2)
+    ob = GraftOptimizer(torch.optim.SGD(b.parameters(), lr=0.0), [a], every=2)
+    for o in [ob, ob, ob, oa, oa, ob, ob, oa, oa, oa]:  # b a step ahead: buffered rounds
+        o.step()
+    for _ in range(4):  # lockstep: in place
+        oa.step()
+        ob.step()
+    g = oa._participant.grafter
+    assert oa._participant.in_place[0].possible
+    assert all(t is None for t in g._out)
+    assert all(entry[3] is None for entry in g._mix[1].fast)
+
+
+def test_huge_finite_float64_values_blend_like_buffered(monkeypatch):
+    def build():
+        host, peer = _seq(0, 4, 4, 2, dtype=torch.float64), _seq(1, 4, 4, 2, dtype=torch.float64)
+        with torch.no_grad():
+            host[1].weight[0, 0] = 1e39  # finite in float64, beyond float32's range
+        return host, peer
+
+    records = []
+
+    def run(models):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            records.append(graftopt.graft_(models[0], [models[1]]))
+
+    fast, slow = _both_paths(build, run, monkeypatch)
+    assert records[0].skipped == records[1].skipped == ()
+    assert torch.equal(fast[0][1].weight, slow[0][1].weight)
+
+
+def test_overlap_with_a_tensor_that_has_gaps_falls_back(monkeypatch):
+    def build():
+        ms = [_seq(s, 8, 8, 8) for s in range(4)]
+        base = torch.randn(32, generator=torch.Generator().manual_seed(5))
+        ms[0][0].bias.data = torch.as_strided(base, (8,), (2,), 0)  # 0, 2, ..., 14: gaps
+        ms[1][0].bias.data = torch.as_strided(base, (8,), (1,), 8)  # 8..15: dense, overlapping
+        return ms
+
+    def run(ms):
+        sgd = [torch.optim.SGD(m.parameters(), lr=0.0) for m in ms[:2]]
+        opts = [
+            GraftOptimizer(sgd[0], [ms[2], ms[1]], every=1),
+            GraftOptimizer(sgd[1], [ms[3]], every=1),
+        ]
+        for o in opts:  # one group: host 0 reads host 1
+            o.step()
+
+    fast, slow = _both_paths(build, run, monkeypatch)
+    assert torch.equal(fast[1][0].bias, slow[1][0].bias)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0)])
+@pytest.mark.parametrize("level", ["layer", "filter"])
+def test_zero_size_layers_stay_finite(shape, level):
+    host, peer = _seq(0, 4, 6), _seq(1, 4, 6)
+    for m, s in ((host, 2), (peer, 3)):
+        torch.manual_seed(s)
+        m.append(torch.nn.Linear(*shape))
+        m.append(torch.nn.Linear(shape[1], 3))
+    graftopt.graft_(host, [peer], level=level)
+    assert all(torch.isfinite(v).all() for v in host.state_dict().values())

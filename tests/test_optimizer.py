@@ -578,3 +578,18 @@ def test_functional_graft_equals_one_round(nets):
         assert graftopt.graft_(host, peers, level="filter").skipped == ("fc",)
     with pytest.raises(ValueError, match="peer 0"):
         graftopt.graft_(host, [make_net(0, classes=5)])
+
+
+@pytest.mark.parametrize("bad", ["expanded", "inference"])
+def test_tensors_a_round_cannot_write_are_refused_before_any_write(bad):
+    host, peer = make_net(0), make_net(1)
+    if bad == "expanded":
+        host.fc.bias.data = torch.tensor([0.5]).expand(3)
+    else:
+        with torch.inference_mode():
+            host.conv3.bias.data = torch.zeros(8)
+    before = {k: v.clone() for k, v in host.state_dict().items()}
+    with pytest.raises(ValueError, match=r"fc\.bias|conv3\.bias"):
+        graftopt.graft_(host, [peer])
+    for k, v in host.state_dict().items():
+        assert torch.equal(v, before[k]), k

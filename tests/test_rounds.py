@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -131,3 +133,19 @@ def test_a_late_peer_reads_the_round_step_weights():
         b.conv1.weight.double(), expected_b["conv1.weight"], atol=2e-5, rtol=1e-5
     )
     assert torch.isfinite(a.conv1.weight).all()
+
+
+def test_a_raising_warning_does_not_stall_the_group():
+    models = [make_net(s) for s in range(3)]
+    with torch.no_grad():
+        models[0].fc.weight[0, 0] = float("nan")
+    opts = graftopt.ring(models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(2):
+            for o in opts:
+                with contextlib.suppress(RuntimeWarning):
+                    o.step()
+    assert [o.rounds for o in opts] == [2, 2, 2]
+    for o in opts:
+        o.close()

@@ -879,6 +879,14 @@ int graft_finite(int64_t n, const int64_t *ptrs, const int64_t *numel, const int
                  uint8_t *finite, int32_t nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 8)
     for (int64_t t = 0; t < n; t++) {
+        if (dtypes[t] == 2) { /* in double: a finite float64 may overflow float32 */
+            const double *x = (const double *)(intptr_t)ptrs[t];
+            double z = 0.0;
+#pragma omp simd reduction(+ : z)
+            for (int64_t i = 0; i < numel[t]; i++) z += x[i] * 0.0;
+            finite[t] = z == 0.0;
+            continue;
+        }
         float lo, hi, z = 0.0f;
         if (numel[t] > 0)
             range_of((const void *)(intptr_t)ptrs[t], dtypes[t], 0, numel[t], &lo, &hi, &z);
