@@ -311,6 +311,8 @@ class GroupMix:
         order = [i for s in sets for i in s]
         if sorted(order) != list(range(len(live))):
             raise ValueError("sets must partition the jobs")
+        if any(not p for p in peers):
+            raise ValueError("every job needs at least one peer")
         self.order = torch.tensor(order, dtype=torch.long)
         self.count = len(order)
         self.maxm = max((len(peers[i]) for i in order), default=1)
