@@ -354,6 +354,7 @@ def test_overlap_with_a_tensor_that_has_gaps_falls_back(monkeypatch):
     assert torch.equal(fast[1][0].bias, slow[1][0].bias)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 @pytest.mark.parametrize("shape", [(0, 4), (4, 0)])
 @pytest.mark.parametrize("level", ["layer", "filter"])
 def test_zero_size_layers_stay_finite(shape, level):
