@@ -403,6 +403,7 @@ class Grafter:
         ``cache`` (one dict per commit) shares the scores of a model between the hosts that
         read it in one round.
         """
+        self._refs.check()  # the host's module tree is still the one its units came from
         memo = {} if cache is None else cache.setdefault("layout keys", {})
         layouts = [self._layout_key(host, memo), *(self._layout_key(p, memo) for p in peers)]
         self._used_plans = {}

@@ -33,6 +33,11 @@ def read_tensors(module: nn.Module, names: Sequence[str]) -> list[Tensor]:
     cache = _REFS.setdefault(module, {})
     key = tuple(names)
     refs = cache.get(key)
+    if refs is not None:
+        try:
+            refs.check()
+        except RuntimeError:  # the module tree changed: locate the tensors again
+            refs = None
     if refs is None:
         refs = cache[key] = TensorRefs(module, names)
     return refs.get()
@@ -99,6 +104,7 @@ class ModulePeers(PeerSource):
 
     def __init__(self, peers: Sequence[nn.Module]) -> None:
         self._peers = [unwrap(p) for p in peers]
+        self._checked: list[TensorRefs] = []
         if not self._peers:
             raise ValueError("peers is empty: give at least one peer model")
         for i, p in enumerate(self._peers):
@@ -116,8 +122,13 @@ class ModulePeers(PeerSource):
                     f"peer {i} is the host model itself; a model cannot graft from itself"
                 )
             check_alignment(host, units, p, adapter, f"peer {i} ({type(p).__name__})")
+        # The peers as checked: a submodule replaced since then makes fetch() raise.
+        names = [n for u in units for n in u.members]
+        self._checked = [TensorRefs(p, names) for p in self._peers]
 
     def fetch(self, names: Sequence[str]) -> list[list[Tensor]]:
+        for refs in self._checked:
+            refs.check()
         return [read_tensors(p, names) for p in self._peers]
 
     def modules(self) -> list[nn.Module]:

@@ -593,3 +593,22 @@ def test_tensors_a_round_cannot_write_are_refused_before_any_write(bad):
         graftopt.graft_(host, [peer])
     for k, v in host.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("which", ["host", "peer"])
+def test_a_replaced_submodule_raises_and_rewrapping_works(which):
+    host, peer = make_net(0), make_net(1)
+    opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
+    opt.step()
+    torch.manual_seed(7)
+    (host if which == "host" else peer).fc = nn.Linear(8, 3)  # model surgery
+    before = {k: v.clone() for k, v in host.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"\.fc was replaced .* wrap the model again"):
+        opt.step()
+    for k, v in host.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    opt.close()
+    again = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
+    expected = ref_graft(host, [peer])
+    again.step()
+    torch.testing.assert_close(host.fc.weight.double(), expected["fc.weight"], atol=2e-6, rtol=1e-6)

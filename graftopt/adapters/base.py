@@ -84,15 +84,34 @@ def tensor_table(model: nn.Module) -> dict[str, Tensor]:
     return table
 
 
+# Submodule registrations anywhere in the process, counted so that located tensors are checked
+# again only after the module tree may have changed.
+_REGISTRATIONS = [0]
+_WATCH: list = []
+
+
+def _count(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _watch_registrations() -> None:
+    if not _WATCH:
+        _WATCH.append(nn.modules.module.register_module_module_registration_hook(_count))
+
+
 class TensorRefs:
     """Named tensors of a module, located once and read without walking the module tree.
 
     Each name is kept as (the owning module's parameter or buffer dict, key), so a read sees a
-    tensor that ``model.to()`` or ``load_state_dict`` put in place of the old one.
+    tensor that ``model.to()`` or ``load_state_dict`` put in place of the old one. A submodule
+    replaced after locating (model surgery) is detected at the next read, which raises.
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        _watch_registrations()
+        self._model = type(model).__name__
         self._slots: list[tuple[dict[str, Tensor | None], str]] = []
+        edges: dict[int, tuple[dict, str, nn.Module, str]] = {}
         for name in names:
             prefix, _, leaf = name.rpartition(".")
             owner = model.get_submodule(prefix) if prefix else model
@@ -100,7 +119,30 @@ class TensorRefs:
             if table.get(leaf) is None:
                 raise KeyError(f"{type(model).__name__} has no tensor {name!r}")
             self._slots.append((table, leaf))
+            parent, path = model, []
+            for part in prefix.split(".") if prefix else []:
+                child = parent._modules[part]
+                path.append(part)
+                edges.setdefault(id(child), (parent._modules, part, child, ".".join(path)))
+                parent = child
+        self._edges = list(edges.values())
+        self._checked = _REGISTRATIONS[0]
 
     def get(self) -> list[Tensor]:
         """The tensors, in the order of the names."""
+        self.check()
         return [table[key] for table, key in self._slots]  # type: ignore[misc]
+
+    def check(self) -> None:
+        """Raise a RuntimeError if a submodule on the way to the tensors was replaced."""
+        if self._checked != _REGISTRATIONS[0]:
+            self._check()
+
+    def _check(self) -> None:
+        for modules, name, child, path in self._edges:
+            if modules.get(name) is not child:
+                raise RuntimeError(
+                    f"{self._model}.{path} was replaced after grafting was set up for this "
+                    "model: close() its GraftOptimizer and wrap the model again"
+                )
+        self._checked = _REGISTRATIONS[0]
