@@ -38,6 +38,7 @@ __all__ = [
     "mix",
     "mix_many",
     "row_entropy",
+    "row_length",
     "segment_entropy",
 ]
 

@@ -104,7 +104,7 @@ class ModulePeers(PeerSource):
 
     def __init__(self, peers: Sequence[nn.Module]) -> None:
         self._peers = [unwrap(p) for p in peers]
-        self._checked: list[TensorRefs] = []
+        self._as_bound: list[TensorRefs] = []
         if not self._peers:
             raise ValueError("peers is empty: give at least one peer model")
         for i, p in enumerate(self._peers):
@@ -124,10 +124,10 @@ class ModulePeers(PeerSource):
             check_alignment(host, units, p, adapter, f"peer {i} ({type(p).__name__})")
         # The peers as checked: a submodule replaced since then makes fetch() raise.
         names = [n for u in units for n in u.members]
-        self._checked = [TensorRefs(p, names) for p in self._peers]
+        self._as_bound = [TensorRefs(p, names) for p in self._peers]
 
     def fetch(self, names: Sequence[str]) -> list[list[Tensor]]:
-        for refs in self._checked:
+        for refs in self._as_bound:
             refs.check()
         return [read_tensors(p, names) for p in self._peers]
 

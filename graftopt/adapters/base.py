@@ -126,7 +126,7 @@ class TensorRefs:
                 edges.setdefault(id(child), (parent._modules, part, child, ".".join(path)))
                 parent = child
         self._edges = list(edges.values())
-        self._checked = _REGISTRATIONS[0]
+        self._registrations = _REGISTRATIONS[0]
 
     def get(self) -> list[Tensor]:
         """The tensors, in the order of the names."""
@@ -135,7 +135,7 @@ class TensorRefs:
 
     def check(self) -> None:
         """Raise a RuntimeError if a submodule on the way to the tensors was replaced."""
-        if self._checked != _REGISTRATIONS[0]:
+        if self._registrations != _REGISTRATIONS[0]:
             self._check()
 
     def _check(self) -> None:
@@ -145,4 +145,4 @@ class TensorRefs:
                     f"{self._model}.{path} was replaced after grafting was set up for this "
                     "model: close() its GraftOptimizer and wrap the model again"
                 )
-        self._checked = _REGISTRATIONS[0]
+        self._registrations = _REGISTRATIONS[0]

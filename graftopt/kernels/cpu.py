@@ -45,6 +45,14 @@ __all__ = [
 # dtype codes shared with the C source.
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 _P = ctypes.c_void_p
+_I64, _I32 = ctypes.c_int64, ctypes.c_int32
+# Argument types of the C functions, in the order of their C signatures in _cpu_src.
+_SIGNATURES = {
+    "graft_segment_hist": [_I64, _P, _P, _P, _P, _I32, _P, _P, _I32],
+    "graft_mix": [_I64, *[_P] * 7, _I64, _I32, _I32, _P, _I32],
+    "graft_group_mix": [_I64, _P, _P, _I64, *[_P] * 7, _P, _I64, _P, _I32, _I32],
+    "graft_finite": [_I64, _P, _P, _P, _P, _I32],
+}
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 
 
@@ -83,39 +91,10 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError):
         return None
-    lib.graft_segment_hist.restype = ctypes.c_int
-    lib.graft_segment_hist.argtypes = [
-        ctypes.c_int64,
-        _P,
-        _P,
-        _P,
-        _P,
-        ctypes.c_int32,
-        _P,
-        _P,
-        ctypes.c_int32,
-    ]
-    i64, i32 = ctypes.c_int64, ctypes.c_int32
-    lib.graft_group_mix.restype = ctypes.c_int
-    lib.graft_group_mix.argtypes = [i64, _P, _P, i64, *[_P] * 7, _P, i64, _P, i32, i32]
-    lib.graft_finite.restype = ctypes.c_int
-    lib.graft_finite.argtypes = [i64, _P, _P, _P, _P, i32]
-    lib.graft_mix.restype = ctypes.c_int
-    lib.graft_mix.argtypes = [
-        ctypes.c_int64,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        ctypes.c_int64,
-        ctypes.c_int32,
-        ctypes.c_int32,
-        _P,
-        ctypes.c_int32,
-    ]
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = args
     return lib
 
 
