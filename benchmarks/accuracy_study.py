@@ -1,14 +1,19 @@
-"""Accuracy study on Fashion-MNIST: K grafted peers vs K baselines vs the baselines' ensemble.
+"""Accuracy study on Fashion-MNIST: grafting configurations against independent baselines.
 
-Every (model, K, seed) is one ``graftopt train`` run with ``--baseline`` under one fixed recipe,
-printed at the start. The table reports, over seeds, the mean ± std of each run's mean last-epoch
-top-1 of its grafted networks, of its baselines, and of the ensemble of its baselines.
+Every (configuration, K, seed) is one ``graftopt train`` run of K networks under one fixed
+recipe (printed at the start); the baselines are the run of K networks without rounds
+(``--no-graft``), so every configuration is paired, seed by seed, with the same K independent
+networks: lane i starts from the same weights (unless the configuration starts every lane from
+lane 0's) and sees the same batches. The table reports over seeds the mean ± std of each run's
+mean last-epoch top-1, the paired difference to the baselines and how many seeds it wins, the
+ensemble (mean softmax) and the soup (mean weights, norm statistics re-estimated) of the K
+networks, and the wall time of the runs.
 
 Runs are kept under ``--output``; running the script again skips finished runs and resumes
-unfinished ones, so it can be stopped and restarted.
+unfinished ones, so it can be stopped, restarted, and split over processes by ``--configs``.
 
-    python3 benchmarks/accuracy_study.py                      # the full study (long)
-    python3 benchmarks/accuracy_study.py --models cifar_resnet20 --train-subset 5000 --epochs 5
+    OMP_NUM_THREADS=1 python3 benchmarks/accuracy_study.py --configs baseline paper --peers 2
+    python3 benchmarks/accuracy_study.py --table-only          # the table of what has finished
 """
 
 from __future__ import annotations
@@ -22,33 +27,53 @@ from pathlib import Path
 from typing import Any
 
 from graftopt.train.checkpoint import CHECKPOINT, load_checkpoint
-from graftopt.train.config import TrainConfig, merge_resumed
+from graftopt.train.config import PRESETS, TrainConfig, merge_resumed
 from graftopt.train.loop import train
 from graftopt.train.progress import Progress
+
+# Each configuration: the TrainConfig fields it sets on top of the recipe.
+GENTLE = {"same_init": True, "graft_rate": 0.5, "graft_recalibrate": 5}
+DML = {"distill_weight": 1.0, "distill_T": 1.0}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "baseline": {"graft": False},  # K independent networks
+    "paper": dict(PRESETS["paper"]),  # the authors' rounds
+    "same-init": {"same_init": True},
+    "recalibrate": {"graft_recalibrate": 5},
+    "rate-0.5": {"graft_rate": 0.5},
+    "start-1-epoch": {"graft_start": 1},  # resolved to one epoch of steps in recipe()
+    "reset-momentum": {"graft_optimizer_state": "reset"},
+    "gentle": GENTLE,  # same init + half-way rounds + recalibration
+    "papa": dict(PRESETS["papa"]),  # population averaging as a graft configuration
+    "dml": {"graft": False, **DML},  # mutual distillation alone
+    "cultivation": {**GENTLE, **DML},  # gentle rounds + mutual distillation
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet32"])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--model", default="cifar_resnet20")
     p.add_argument("--peers", nargs="+", type=int, default=[2, 4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--train-subset", type=int, default=None, help="default: all 60000 images")
-    p.add_argument("--val-subset", type=int, default=None, help="default: all 10000 images")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--train-subset", type=int, default=4000, help="0: all 60000 images")
+    p.add_argument("--val-subset", type=int, default=2000, help="0: all 10000 images")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--output", default="output/accuracy_study")
     p.add_argument("--device", default="auto")
+    p.add_argument("--table-only", action="store_true", help="print the table of finished runs")
     return p.parse_args(argv)
 
 
-def recipe(args: argparse.Namespace, model: str, k: int, seed: int) -> TrainConfig:
-    """The fixed recipe: the paper's CIFAR settings, cosine per step, grafting every epoch."""
-    return TrainConfig(
-        model=model,
+def recipe(args: argparse.Namespace, config: str, k: int, seed: int) -> TrainConfig:
+    """The fixed recipe (the paper's CIFAR settings, cosine per step, a round every epoch),
+    with the configuration's settings on top."""
+    cfg = TrainConfig(
+        model=args.model,
         dataset="torch/fashion_mnist",
         data_dir=args.data_dir,
-        train_subset=args.train_subset,
-        val_subset=args.val_subset,
+        train_subset=args.train_subset or None,
+        val_subset=args.val_subset or None,
         epochs=args.epochs,
         batch_size=128,
         opt="sgd",
@@ -58,14 +83,19 @@ def recipe(args: argparse.Namespace, model: str, k: int, seed: int) -> TrainConf
         sched="cosine",
         seed=seed,
         peers=k,
-        baseline=True,
         graft_A=0.4,
         graft_c=500.0,
+        soup_recalibrate=20,
         device=args.device,
-        output=str(Path(args.output) / f"{model}-k{k}-seed{seed}"),
+        output=str(Path(args.output) / f"{config}-k{k}-seed{seed}"),
         progress="plain",
         log_interval=10**9,  # one line per epoch is enough in a long log
     )
+    for key, value in CONFIGS[config].items():
+        setattr(cfg, key, value)
+    if config == "start-1-epoch":
+        cfg.graft_start = (args.train_subset or 60000) // cfg.batch_size
+    return cfg
 
 
 def run_one(cfg: TrainConfig) -> dict[str, Any]:
@@ -77,7 +107,24 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
     if (out / CHECKPOINT).is_file():
         state = load_checkpoint(out)
         cfg = merge_resumed(state["config"], cfg)
-    return train(cfg, progress=Progress("plain", cfg.log_interval), resume_state=state).summary
+    start = time.perf_counter()
+    summary = train(cfg, progress=Progress("plain", cfg.log_interval), resume_state=state).summary
+    took = time.perf_counter() - start
+    # Wall time of this process's part of the run (a resumed run adds to what it had).
+    timing = out / "wall_s.json"
+    before = json.loads(timing.read_text())["wall_s"] if timing.is_file() else 0.0
+    timing.write_text(json.dumps({"wall_s": before + took}) + "\n")
+    return summary
+
+
+def finished(args: argparse.Namespace, config: str, k: int, seed: int) -> dict[str, Any] | None:
+    out = Path(recipe(args, config, k, seed).output or "")
+    if not (out / "summary.json").is_file():
+        return None
+    summary = json.loads((out / "summary.json").read_text())
+    timing = out / "wall_s.json"
+    summary["wall_s"] = json.loads(timing.read_text())["wall_s"] if timing.is_file() else None
+    return summary
 
 
 def _ms(values: list[float]) -> str:
@@ -86,49 +133,84 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(results: dict[tuple[str, int], list[dict[str, Any]]]) -> str:
+def _kind(summary: dict[str, Any]) -> str:
+    return "grafted" if "grafted" in summary["groups"] else "peer"
+
+
+def _of(summary: dict[str, Any], what: str) -> float | None:
+    net = summary["networks"].get(f"{what}_{_kind(summary)}")
+    return None if net is None else net["last_top1"]
+
+
+def table(args: argparse.Namespace) -> str:
     lines = [
-        "| model | K | seeds | grafted (mean of K) | baselines (mean of K) "
-        "| ensemble of K baselines | grafted − baselines | seeds grafted > baselines |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | K | seeds | mean of K (top-1) | − baselines (paired) | seeds won "
+        "| ensemble of K | soup of K | per seed | wall min / run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (model, k), summaries in results.items():
-        g = [s["groups"]["grafted"]["last"][0] for s in summaries]
-        b = [s["groups"]["baseline"]["last"][0] for s in summaries]
-        e = [s["networks"]["ensemble_baseline"]["last_top1"] for s in summaries]
-        d = [x - y for x, y in zip(g, b, strict=True)]
-        wins = sum(x > 0 for x in d)
-        lines.append(
-            f"| {model} | {k} | {len(summaries)} | {_ms(g)} | {_ms(b)} | {_ms(e)} | "
-            f"{statistics.fmean(d):+.2f} | {wins}/{len(d)} |"
-        )
+    for k in args.peers:
+        base = {s: finished(args, "baseline", k, s) for s in args.seeds}
+        for config in args.configs:
+            runs = {s: finished(args, config, k, s) for s in args.seeds}
+            runs = {s: r for s, r in runs.items() if r is not None}
+            if not runs:
+                continue
+            mean = {s: r["groups"][_kind(r)]["last"][0] for s, r in runs.items()}
+            paired = [
+                mean[s] - b["groups"]["peer"]["last"][0]
+                for s, b in base.items()
+                if b is not None and s in mean
+            ]
+            ens = [v for v in (_of(r, "ensemble") for r in runs.values()) if v is not None]
+            soups = [v for v in (_of(r, "soup") for r in runs.values()) if v is not None]
+            walls = [r["wall_s"] / 60 for r in runs.values() if r.get("wall_s")]
+            diff = (
+                ""
+                if config == "baseline" or not paired
+                else (
+                    f"{statistics.fmean(paired):+.2f}"
+                    + (f" ± {statistics.stdev(paired):.2f}" if len(paired) > 1 else "")
+                )
+            )
+            wins = "" if config == "baseline" else f"{sum(d > 0 for d in paired)}/{len(paired)}"
+            per_seed = " / ".join(f"{mean[s]:.2f}" for s in sorted(mean))
+            lines.append(
+                f"| {config} | {k} | {len(runs)} | {_ms(list(mean.values()))} | {diff} | {wins} "
+                f"| {_ms(ens) if ens else ''} | {_ms(soups) if soups else ''} | {per_seed} "
+                f"| {statistics.fmean(walls):.1f} |"
+                if walls
+                else f"| {config} | {k} | {len(runs)} | {_ms(list(mean.values()))} | {diff} "
+                f"| {wins} | {_ms(ens) if ens else ''} | {_ms(soups) if soups else ''} "
+                f"| {per_seed} | |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    first = recipe(args, args.models[0], args.peers[0], args.seeds[0])
-    print(
-        "fixed recipe: Fashion-MNIST "
-        f"(train subset {args.train_subset or 'all'}, val subset {args.val_subset or 'all'}), "
-        f"{first.epochs} epochs, batch {first.batch_size}, SGD lr {first.lr} momentum "
-        f"{first.momentum} wd {first.weight_decay}, cosine per step, pad-4 crop + flip; grafting "
-        f"every epoch, A={first.graft_A}, c={first.graft_c}, entropy, layer level, ring; "
-        f"K baselines under the same recipe (same init, lr and batches per index); "
-        f"models {args.models}, K {args.peers}, seeds {args.seeds}; top-1 at the last epoch",
-        flush=True,
-    )
-    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    start = time.perf_counter()
-    for model in args.models:
+    if not args.table_only:
+        first = recipe(args, "paper", args.peers[0], args.seeds[0])
+        print(
+            f"fixed recipe: {args.model} on Fashion-MNIST (train subset "
+            f"{args.train_subset or 'all'}, val subset {args.val_subset or 'all'}), "
+            f"{first.epochs} epochs, batch {first.batch_size}, SGD lr {first.lr} momentum "
+            f"{first.momentum} wd {first.weight_decay}, cosine per step, pad-4 crop + flip; "
+            f"rounds every epoch, A={first.graft_A}, c={first.graft_c}, entropy, layer level, "
+            f"ring; configurations {args.configs}; K {args.peers}; seeds {args.seeds}; "
+            "top-1 at the last epoch",
+            flush=True,
+        )
+        start = time.perf_counter()
         for k in args.peers:
-            for seed in args.seeds:
-                print(f"--- {model} K={k} seed={seed}", flush=True)
-                results.setdefault((model, k), []).append(run_one(recipe(args, model, k, seed)))
-    text = table(results)
-    minutes = (time.perf_counter() - start) / 60
-    print(f"\n{text}\n(study time {minutes:.0f} min)")
+            for config in args.configs:
+                for seed in args.seeds:
+                    print(f"--- {config} K={k} seed={seed}", flush=True)
+                    run_one(recipe(args, config, k, seed))
+        print(f"(study time {(time.perf_counter() - start) / 60:.0f} min)")
+    text = table(args)
+    print(f"\n{text}")
     out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text)
     return 0
 

@@ -11,6 +11,8 @@ from .optimizer import GraftOptimizer as GraftOptimizer
 from .optimizer import ring as ring
 from .peers import ModulePeers as ModulePeers
 from .peers import PeerSource as PeerSource
+from .recalibrate import Recalibration as Recalibration
+from .recalibrate import recalibrate_norms as recalibrate_norms
 from .rounds import graft_ as graft_
 
 __version__ = "0.1.0"
@@ -21,11 +23,13 @@ __all__ = [
     "InvalidFilters",
     "ModulePeers",
     "PeerSource",
+    "Recalibration",
     "RoundRecord",
     "adapters",
     "functional",
     "graft_",
     "invalid_filters",
     "models",
+    "recalibrate_norms",
     "ring",
 ]

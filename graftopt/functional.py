@@ -398,7 +398,8 @@ class MixPlan:
                 _alpha_view(alphas, columns[i], axes[i], hosts[i]).to(hosts[i]) for i in generic
             ]
             # (1/m) sum_j (a_j h + (1 - a_j) p_j) = mean_j(a_j) h + sum_j ((1 - a_j) / m) p_j
-            acc = torch._foreach_mul(hs, [v.mean(0) for v in views])
+            # A list: kept destinations replace its items below (_foreach_mul gives a tuple).
+            acc = list(torch._foreach_mul(hs, [v.mean(0) for v in views]))
             for j, p in enumerate(peers):
                 torch._foreach_addcmul_(
                     acc, [p[i] for i in generic], [(1 - v[j]) / m for v in views]

@@ -23,7 +23,7 @@ from .diagnostics import RoundRecord
 from .kernels import cpu
 from .peers import PeerSource
 
-__all__ = ["Blend", "GraftSettings", "Grafter", "RoundPlan"]
+__all__ = ["Blend", "GraftSettings", "Grafter", "RoundPlan", "check_rate"]
 
 LEVELS = ("layer", "filter")
 CRITERIA = ("entropy", "l1", "bn")
@@ -54,6 +54,22 @@ class GraftSettings:
             raise ValueError(
                 "criterion='bn' scores each filter by its norm scale: use level='filter'"
             )
+
+
+def check_rate(rate: float) -> float:
+    """``rate`` as a float in (0, 1], or ``ValueError``."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0:
+        raise ValueError(f"rate must lie in (0, 1], got {rate!r}")
+    return float(rate)
+
+
+def gentle(table: Tensor, rate: float) -> Tensor:
+    """Alphas that move the host ``rate`` of the way from its weights to the blend.
+
+    The blend is linear in the alphas: ``W + r (blend(alpha) - W) = blend(1 - r (1 - alpha))``,
+    so every mix path (C kernel, in place, torch) blends gently from the rewritten table.
+    """
+    return table if rate == 1.0 else 1.0 - rate * (1.0 - table)
 
 
 def _rows(tensors: Sequence[Tensor], axes: Sequence[int | None]) -> Tensor:
@@ -188,6 +204,8 @@ class Grafter:
         self.units = list(units)
         self.peers = peers
         self.settings = settings
+        # The fraction of the way to the blend the next round moves the host (1: the paper).
+        self.rate = 1.0
         self.names = [n for u in self.units for n in u.members]
         table = tensor_table(host)
         missing = [n for n in self.names if n not in table]
@@ -425,6 +443,7 @@ class Grafter:
             lengths = lengths.to(alphas.device)
             means = torch.segment_reduce(alphas.t().contiguous(), "mean", lengths=lengths).t()
             table = torch.cat([alphas, means], dim=1)
+        table = gentle(table, self.rate)
         mix_key = (host_key, *layouts[1:])
         if self._mix is None or self._mix[0] != mix_key:
             self._mix = (mix_key, F.MixPlan(host, peers, columns, axes))

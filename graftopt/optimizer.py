@@ -14,13 +14,15 @@ from torch.optim import Optimizer
 
 from .adapters import Adapter, Unit, get_adapter, unwrap
 from .diagnostics import RoundRecord
-from .grafter import Grafter, GraftSettings
+from .grafter import Grafter, GraftSettings, check_rate
 from .peers import ModulePeers, PeerSource
+from .recalibrate import Recalibration
 from .rounds import Participant
 
 __all__ = ["GraftOptimizer", "ring"]
 
 _STATE_VERSION = 1
+OPTIMIZER_STATES = ("keep", "reset")
 
 
 def _owner_chain(param: Tensor) -> Iterable[nn.Module]:
@@ -92,6 +94,17 @@ class GraftOptimizer(Optimizer):
         adapter: overrides the registry's adapter for the host's architecture.
         callback: called with each round's :class:`~graftopt.diagnostics.RoundRecord`.
         history: how many recent rounds :attr:`history` keeps (default 100; 0 keeps none).
+        rate: each round moves the host this fraction of the way from its weights to the
+            blend, in (0, 1] (default 1: the paper's round).
+        rate_by_lr: scale ``rate`` by the learning rate's ratio to its initial value (the
+            first parameter group's ``lr`` over its ``initial_lr``), as population averaging
+            does: rounds soften as the schedule decays.
+        start: no round before this many steps (default 0); the first round comes at the
+            first multiple of ``every`` at or after ``start``.
+        optimizer_state: what a round does to the inner optimizer's state of the tensors it
+            writes: ``"keep"`` (the paper) or ``"reset"`` (cleared, as for a fresh optimizer).
+        recalibrate: a :class:`~graftopt.recalibrate.Recalibration`: after every round, the
+            host's batch-norm statistics are reset and re-estimated from its batches.
 
     Example::
 
@@ -118,6 +131,11 @@ class GraftOptimizer(Optimizer):
         adapter: Adapter | None = None,
         callback: Callable[[RoundRecord], None] | None = None,
         history: int = 100,
+        rate: float = 1.0,
+        rate_by_lr: bool = False,
+        start: int = 0,
+        optimizer_state: str = "keep",
+        recalibrate: Recalibration | None = None,
     ) -> None:
         # super().__init__ is not called on purpose: it would register the parameters a second
         # time. The wrapper shares the inner optimizer's param_groups, state and defaults.
@@ -136,9 +154,25 @@ class GraftOptimizer(Optimizer):
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if history < 0:
             raise ValueError(f"history must be >= 0, got {history}")
+        check_rate(rate)
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be an integer >= 0, got {start!r}")
+        if optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(
+                f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}"
+            )
+        if recalibrate is not None and not isinstance(recalibrate, Recalibration):
+            raise TypeError(
+                "recalibrate must be a graftopt.Recalibration(data, batches), got "
+                f"{type(recalibrate).__name__}"
+            )
         settings = GraftSettings(A=A, c=c, bins=bins, level=level, criterion=criterion)
         self.optimizer = optimizer
         self.every = every
+        self.rate = float(rate)
+        self.rate_by_lr = bool(rate_by_lr)
+        self.optimizer_state = optimizer_state
+        self.recalibrate = recalibrate
         self.callback = callback
         self.history: deque[RoundRecord] = deque(maxlen=history)
 
@@ -157,8 +191,10 @@ class GraftOptimizer(Optimizer):
         # without waiting for the garbage collector to break a cycle.
         record = weakref.WeakMethod(self._record)
         self._participant = Participant(
-            Grafter(host, units, source, settings), every, lambda rec: record()(rec)
+            Grafter(host, units, source, settings), every, lambda rec: record()(rec), start
         )
+        group = optimizer.param_groups[0]
+        self._initial_lr = float(group.get("initial_lr", group.get("lr", 1.0)))
 
     # -- delegation -------------------------------------------------------------------------
 
@@ -194,6 +230,8 @@ class GraftOptimizer(Optimizer):
         return (
             f"GraftOptimizer(every={self.every}, peers={self.peers.num_peers}, "
             f"A={s.A}, c={s.c}, bins={s.bins}, level={s.level!r}, criterion={s.criterion!r}, "
+            f"rate={self.rate}{' x lr' if self.rate_by_lr else ''}, start={self.start}, "
+            f"optimizer_state={self.optimizer_state!r}, "
             f"adapter={self.adapter!r},\n  {self.optimizer!r})"
         )
 
@@ -227,9 +265,36 @@ class GraftOptimizer(Optimizer):
     @property
     def rounds(self) -> int:
         """Graft rounds completed."""
-        return self._participant.committed
+        return self._participant.completed
+
+    @property
+    def start(self) -> int:
+        """Steps before the first round may come."""
+        return self._participant.start
+
+    def current_rate(self) -> float:
+        """The rate the next round blends with (``rate``, times the lr ratio with
+        ``rate_by_lr``)."""
+        if not self.rate_by_lr:
+            return self.rate
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        initial = float(self.optimizer.param_groups[0].get("initial_lr", self._initial_lr))
+        scaled = self.rate * (lr / initial if initial > 0 else 1.0)
+        # A rate of exactly 0 is no round; the floor keeps the round a (tiny) blend.
+        return min(1.0, max(scaled, 1e-12))
+
+    def _after_round(self, record: RoundRecord) -> None:
+        """The host's own follow-up of a written round: optimizer state, norm statistics."""
+        if self.optimizer_state == "reset":
+            state = self.optimizer.state
+            for t in self._participant.grafter.live():
+                if t in state:
+                    del state[t]
+        if self.recalibrate is not None:
+            self.recalibrate(self.model, record.round)
 
     def _record(self, record: RoundRecord) -> None:
+        self._after_round(record)
         if self.history.maxlen:
             self.history.append(record)
         if self.callback is not None:
@@ -239,6 +304,7 @@ class GraftOptimizer(Optimizer):
         """Run the inner step; after every ``every``-th step, run a graft round."""
         self._participant.before_step()
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._participant.grafter.rate = self.current_rate()
         self._participant.after_step()
         return loss
 
@@ -259,6 +325,10 @@ class GraftOptimizer(Optimizer):
                 "arrived": p.arrived,
                 "committed": p.committed,
                 "every": self.every,
+                "start": p.start,
+                "rate": self.rate,
+                "rate_by_lr": self.rate_by_lr,
+                "optimizer_state": self.optimizer_state,
                 "settings": {
                     "A": s.A,
                     "c": s.c,
@@ -291,8 +361,15 @@ class GraftOptimizer(Optimizer):
         changed = {
             k: (saved[k], current[k]) for k in saved if k in current and saved[k] != current[k]
         }
-        if graft.get("every", self.every) != self.every:
-            changed["every"] = (graft["every"], self.every)
+        for name, value in (
+            ("every", self.every),
+            ("start", p.start),
+            ("rate", self.rate),
+            ("rate_by_lr", self.rate_by_lr),
+            ("optimizer_state", self.optimizer_state),
+        ):
+            if graft.get(name, value) != value:
+                changed[name] = (graft[name], value)
         if changed:
             warnings.warn(
                 f"graft settings differ from the checkpoint's (saved, current): {changed}; "

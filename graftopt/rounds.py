@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .adapters import Adapter, get_adapter
 from .adapters.base import unwrap
 from .diagnostics import RoundRecord
-from .grafter import Grafter, GraftSettings, RoundPlan
+from .grafter import Grafter, GraftSettings, RoundPlan, check_rate
 from .inplace import InPlaceRound, in_place_round
 from .peers import _SNAPSHOTS, ModulePeers, read_tensors
 
@@ -36,6 +36,7 @@ def graft_(
     level: str = "layer",
     criterion: str = "entropy",
     adapter: Adapter | None = None,
+    rate: float = 1.0,
 ) -> RoundRecord:
     """Graft ``host`` from ``peers`` once, now: one round of :class:`GraftOptimizer`, as a call.
 
@@ -54,6 +55,7 @@ def graft_(
     source = ModulePeers(list(peers))
     source.bind(host, units, adapter)
     grafter = Grafter(host, units, source, GraftSettings(A, c, bins, level, criterion))
+    grafter.rate = check_rate(rate)
     plan = grafter.plan(read_tensors(host, grafter.names), source.fetch(grafter.names))
     (unit_ok,) = _write_round([grafter], [plan], [None])
     record = dataclasses.replace(plan.record, skipped=grafter.skipped(unit_ok))
@@ -112,13 +114,20 @@ class Participant:
         grafter: the host's grafter.
         every: run a round after every ``every``-th step.
         on_round: called with each round's :class:`RoundRecord` after the blend is written.
+        start: no round before this many steps (the first round comes at the first multiple of
+            ``every`` at or after ``start``).
     """
 
     def __init__(
-        self, grafter: Grafter, every: int, on_round: Callable[[RoundRecord], None]
+        self,
+        grafter: Grafter,
+        every: int,
+        on_round: Callable[[RoundRecord], None],
+        start: int = 0,
     ) -> None:
         self.grafter = grafter
         self.every = every
+        self.start = start
         self.on_round = on_round
         self.steps = 0
         self.arrived = 0
@@ -151,6 +160,16 @@ class Participant:
     def host(self) -> nn.Module:
         return self.grafter.host
 
+    @property
+    def first(self) -> int:
+        """The index of the first round (rounds are numbered by ``steps // every``)."""
+        return max(1, -(-self.start // self.every))
+
+    @property
+    def completed(self) -> int:
+        """How many rounds have been committed."""
+        return max(0, self.committed - self.first + 1)
+
     def _group(self) -> list[Participant]:
         """Every in-process participant linked to this one through peer relations."""
         live = [p for p in (r() for r in list(_REGISTRY.values())) if p is not None]
@@ -165,10 +184,11 @@ class Participant:
                     frontier.append(p)
         members = sorted(group.values(), key=lambda p: p._order)
         for p in members:
-            if p.every != self.every:
+            if (p.every, p.first) != (self.every, self.first):
                 raise ValueError(
-                    f"models that graft from each other in one process must share `every`: "
-                    f"{type(self.host).__name__} has every={self.every}, a peer has every={p.every}"
+                    "models that graft from each other in one process must share `every` and "
+                    f"`start`: {type(self.host).__name__} has every={self.every}, "
+                    f"start={self.start}; a peer has every={p.every}, start={p.start}"
                 )
         return members
 
@@ -183,11 +203,11 @@ class Participant:
     def after_step(self) -> None:
         """Count a step; at every ``every``-th, arrive at the round and commit it if complete."""
         self.steps += 1
-        if self.steps % self.every:
+        if self.steps % self.every or self.steps < self.start:
             return
         r = self.steps // self.every
         group = self._group()
-        if self.committed < r - 1:
+        if r > self.first and self.committed < r - 1:
             late = [
                 type(p.host).__name__ + f" (at round {p.arrived})"
                 for p in group

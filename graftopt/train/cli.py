@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import TrainConfig, merge_resumed
+from .config import PRESETS, TrainConfig, merge_resumed
 
 if TYPE_CHECKING:
     from graftopt.distributed import DistributedContext
@@ -30,7 +30,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
     p = sub.add_parser(
         "train",
         help="train K grafted peers (and K baselines) and print the comparison table",
@@ -116,6 +116,69 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--graft-level", choices=("layer", "filter"), default=_D.graft_level)
     g.add_argument("--graft-criterion", choices=("entropy", "l1", "bn"), default=_D.graft_criterion)
     g.add_argument(
+        "--graft-preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="a named round recipe (paper: the authors' rounds; papa: population averaging); "
+        "flags given explicitly override it",
+    )
+    g.add_argument(
+        "--no-graft",
+        dest="graft",
+        action="store_false",
+        help="train the K peers without rounds (with --distill-weight: mutual distillation alone)",
+    )
+    g.add_argument(
+        "--graft-rate",
+        type=float,
+        default=_D.graft_rate,
+        help="each round moves a network this fraction of the way to its blend (1: the paper)",
+    )
+    g.add_argument(
+        "--graft-rate-lr",
+        action="store_true",
+        help="scale --graft-rate by the learning rate over its initial value",
+    )
+    g.add_argument(
+        "--graft-start",
+        type=int,
+        default=_D.graft_start,
+        help="optimizer steps before the first round",
+    )
+    g.add_argument(
+        "--graft-recalibrate",
+        type=int,
+        default=_D.graft_recalibrate,
+        metavar="N",
+        help="after each round, re-estimate the norm statistics from N training batches (0: off)",
+    )
+    g.add_argument(
+        "--graft-optimizer-state",
+        choices=("keep", "reset"),
+        default=_D.graft_optimizer_state,
+        help="the optimizer state (momentum) of grafted tensors after a round",
+    )
+    g.add_argument(
+        "--same-init",
+        action="store_true",
+        help="every peer (and baseline) starts from lane 0's initial weights",
+    )
+    g.add_argument(
+        "--distill-weight",
+        type=float,
+        default=_D.distill_weight,
+        help="weight of mutual distillation: each peer also learns its peers' predictions "
+        "(T^2 x mean KL); one process only",
+    )
+    g.add_argument("--distill-T", type=float, default=_D.distill_T, help="distillation temperature")
+    g.add_argument(
+        "--soup-recalibrate",
+        type=int,
+        default=_D.soup_recalibrate,
+        metavar="N",
+        help="training batches that re-estimate the final soup's norm statistics (0: none)",
+    )
+    g.add_argument(
         "--diverse-lr",
         action="store_true",
         help="network i of K starts at lr*(1+cos(pi*(K-i)/K))/2 (the paper's dlr)",
@@ -158,14 +221,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="bars on a terminal, plain lines otherwise",
     )
     g.add_argument("--no-report", action="store_true", help="do not write the plots at the end")
+    p.set_defaults(**defaults)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The ``graftopt`` parser; ``train_defaults`` replaces defaults of ``train`` (a preset)."""
     parser = argparse.ArgumentParser(
         prog="graftopt", description="Filter grafting: training runs, reports and diagnostics."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,inspect}")
-    _add_train(sub)
+    _add_train(sub, train_defaults or {})
     r = sub.add_parser("report", help="write PNG plots and print the table of a run folder")
     r.add_argument("run", help="a run folder written by graftopt train")
     r.add_argument("--out", default=None, help="where the PNGs go (default: RUN/plots)")
@@ -268,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``graftopt`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    preset = getattr(args, "graft_preset", None)
+    if preset is not None:
+        # A preset moves the defaults; flags given explicitly parse over them.
+        args = build_parser(PRESETS[preset]).parse_args(argv)
     handler = {"train": _train, "report": _report, "inspect": _inspect}[args.command]
     try:
         return handler(args)

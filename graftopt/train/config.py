@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RESUME_OVERRIDES", "TrainConfig", "diverse_lr", "merge_resumed"]
+__all__ = ["PRESETS", "RESUME_OVERRIDES", "TrainConfig", "diverse_lr", "merge_resumed"]
 
 # Settings a resumed run may change without changing its numbers.
 RESUME_OVERRIDES = frozenset(
@@ -60,6 +60,16 @@ class TrainConfig:
     graft_bins: int = 10
     graft_level: str = "layer"
     graft_criterion: str = "entropy"
+    graft: bool = True  # False: the K peers train without rounds (with distillation, DML alone)
+    graft_rate: float = 1.0
+    graft_rate_lr: bool = False
+    graft_start: int = 0
+    graft_recalibrate: int = 0
+    graft_optimizer_state: str = "keep"
+    same_init: bool = False
+    distill_weight: float = 0.0
+    distill_T: float = 1.0
+    soup_recalibrate: int = 20
     diverse_lr: bool = False
     same_data_order: bool = False
     peer_timeout: float = 300.0  # torchrun runs: seconds a rank waits for its peers at a round
@@ -118,6 +128,23 @@ class TrainConfig:
             raise ValueError(f"--graft-c must be >= 0, got {self.graft_c}")
         if self.graft_criterion == "bn" and self.graft_level != "filter":
             raise ValueError("--graft-criterion bn scores each filter: use --graft-level filter")
+        if not 0.0 < self.graft_rate <= 1.0:
+            raise ValueError(f"--graft-rate must lie in (0, 1], got {self.graft_rate}")
+        if self.graft_start < 0:
+            raise ValueError(f"--graft-start must be >= 0 steps, got {self.graft_start}")
+        if self.graft_recalibrate < 0 or self.soup_recalibrate < 0:
+            raise ValueError(
+                "--graft-recalibrate and --soup-recalibrate take a batch count >= 0, got "
+                f"{self.graft_recalibrate} and {self.soup_recalibrate}"
+            )
+        if self.graft_optimizer_state not in ("keep", "reset"):
+            raise ValueError(
+                f"--graft-optimizer-state must be keep or reset, got {self.graft_optimizer_state!r}"
+            )
+        if not (math.isfinite(self.distill_weight) and self.distill_weight >= 0):
+            raise ValueError(f"--distill-weight must be >= 0, got {self.distill_weight}")
+        if not (math.isfinite(self.distill_T) and self.distill_T > 0):
+            raise ValueError(f"--distill-T must be > 0, got {self.distill_T}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) not in (1, self.in_chans or len(value)):
@@ -139,6 +166,34 @@ class TrainConfig:
             if known.get(key) is not None:
                 known[key] = tuple(known[key])
         return cls(**known)
+
+
+# Named round recipes of `graftopt train --graft-preset`; flags given explicitly still win.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The authors' round: one full blend per epoch from independent starts, momentum kept.
+    "paper": {
+        "graft_rate": 1.0,
+        "graft_rate_lr": False,
+        "graft_start": 0,
+        "graft_recalibrate": 0,
+        "graft_optimizer_state": "keep",
+        "same_init": False,
+        "distill_weight": 0.0,
+    },
+    # Population averaging (PAPA) as a graft configuration: equal weights (A = 0), a round
+    # every 10 steps moving 1 % of the way, scaled with the learning rate.
+    "papa": {
+        "graft_A": 0.0,
+        "graft_every": 10,
+        "graft_rate": 0.01,
+        "graft_rate_lr": True,
+        "graft_start": 0,
+        "graft_recalibrate": 0,
+        "graft_optimizer_state": "keep",
+        "same_init": False,
+        "distill_weight": 0.0,
+    },
+}
 
 
 def diverse_lr(lr: float, index: int, k: int) -> float:

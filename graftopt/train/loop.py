@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 
 import graftopt
 from graftopt import GraftOptimizer, RoundRecord, invalid_filters
+from graftopt.recalibrate import frozen_norm_statistics, recalibrate_norms
 
 from . import ranks
 from .checkpoint import (
@@ -75,9 +76,13 @@ class Net:
     scheduler: Any = None
     alphas: list[float] = field(default_factory=list)  # this epoch's mean alpha per round
 
+    peer: bool = False  # a peer of a run without rounds (--no-graft)
+
     @property
     def kind(self) -> str:
-        return "grafted" if self.grafted else "baseline"
+        if not self.grafted:
+            return "baseline"
+        return "peer" if self.peer else "grafted"
 
 
 @dataclass
@@ -129,12 +134,14 @@ def build_nets(
     """The networks of ``lanes``: a grafted peer per lane, plus its baseline with ``--baseline``.
 
     Each lane's initial weights depend only on (seed, lane), never on which other lanes this
-    process builds. Optimizers are timm's (``create_optimizer_v2``), not yet wrapped.
+    process builds; with ``--same-init`` every lane takes lane 0's. Optimizers are timm's
+    (``create_optimizer_v2``), not yet wrapped. Without rounds (``--no-graft``) the first
+    network of a lane is named ``peer{lane}``.
     """
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     nets = []
     for lane in lanes:
-        torch.manual_seed(_seed(cfg.seed, 2, lane))
+        torch.manual_seed(_seed(cfg.seed, 2, 0 if cfg.same_init else lane))
         model = timm.create_model(
             cfg.model, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans
         )
@@ -145,19 +152,42 @@ def build_nets(
             opt = create_optimizer_v2(
                 m, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
             )
-            name = f"{'grafted' if grafted else 'baseline'}{lane}"
-            nets.append(Net(name, lane, grafted, m, opt, lr))
+            net = Net("", lane, grafted, m, opt, lr, peer=not cfg.graft)
+            net.name = f"{net.kind}{lane}"
+            nets.append(net)
     return nets
 
 
+def norm_batches(spec: DataSpec, cfg: TrainConfig, count: int, *words: int) -> list[torch.Tensor]:
+    """``count`` batches of training images (no augmentation), a function of ``words`` only.
+
+    What norm statistics are re-estimated from: drawn from a generator of their own, so neither
+    the lanes' random streams nor their data orders move, and a resumed run reads the same.
+    """
+    ds = spec.train
+    n = min(len(ds), count * cfg.batch_size)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(_seed(cfg.seed, *words))
+    idx = torch.randperm(len(ds), generator=g)[:n].tolist()  # type: ignore[arg-type]
+    images = [spec.eval_transform(ds[i][0]) for i in idx]
+    return [torch.stack(images[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
+
+
 def attach_grafting(
-    nets: Sequence[Net], cfg: TrainConfig, every: int, ctx: DistributedContext | None = None
+    nets: Sequence[Net],
+    cfg: TrainConfig,
+    every: int,
+    ctx: DistributedContext | None = None,
+    spec: DataSpec | None = None,
 ) -> None:
     """Wrap the grafted networks' optimizers in the paper's ring (network i grafts from i-1).
 
     In one process the ring is :func:`graftopt.ring`; under torchrun it runs over the ranks
     (:class:`graftopt.distributed.RingPeers`), with the same math. Baselines are never wrapped.
+    With ``--graft-recalibrate N`` (which needs ``spec``) each grafted network re-estimates
+    its norm statistics from N batches of its lane after every round.
     """
+    if not cfg.graft:
+        return
     settings: dict[str, Any] = {
         "A": cfg.graft_A,
         "c": cfg.graft_c,
@@ -165,12 +195,34 @@ def attach_grafting(
         "level": cfg.graft_level,
         "criterion": cfg.graft_criterion,
         "history": 0,
+        "rate": cfg.graft_rate,
+        "rate_by_lr": cfg.graft_rate_lr,
+        "start": cfg.graft_start,
+        "optimizer_state": cfg.graft_optimizer_state,
     }
     grafted = [n for n in nets if n.grafted]
+
+    def recalibration(net: Net) -> dict[str, Any]:
+        if not cfg.graft_recalibrate:
+            return {}
+        if spec is None:
+            raise ValueError("--graft-recalibrate needs the data: pass spec to attach_grafting")
+        count = cfg.graft_recalibrate
+
+        def data(r: int) -> list[torch.Tensor]:
+            return norm_batches(spec, cfg, count, 5, net.lane, r)
+
+        return {"recalibrate": graftopt.Recalibration(data, count)}
+
     if ctx is not None:
         for net in grafted:
             net.optimizer = GraftOptimizer(
-                net.optimizer, peers=ctx.ring_peers(), every=every, model=net.model, **settings
+                net.optimizer,
+                peers=ctx.ring_peers(),
+                every=every,
+                model=net.model,
+                **settings,
+                **recalibration(net),
             )
         return
     opts = graftopt.ring(
@@ -178,6 +230,9 @@ def attach_grafting(
     )
     for net, opt in zip(grafted, opts, strict=True):
         net.optimizer = opt
+        recal = recalibration(net)
+        if recal:
+            opt.recalibrate = recal["recalibrate"]
 
 
 def attach_schedulers(nets: Sequence[Net], cfg: TrainConfig, steps: int) -> None:
@@ -261,6 +316,8 @@ def train_epoch(
     if len(loaders) != len(lanes):
         raise ValueError(f"train_epoch got {len(loaders)} loaders for {len(lanes)} lanes")
     streams = [LaneRandom(_seed(cfg.seed, 3, lane, epoch), device) for lane in lanes]
+    students = [n for n in nets if n.grafted] if cfg.distill_weight > 0 else []
+    learns = {id(n) for n in students}
     totals = {n.name: torch.zeros((), device=device) for n in nets}
     for net in nets:
         net.model.train()
@@ -276,7 +333,13 @@ def train_epoch(
                 for net in lane_nets:
                     net.optimizer.zero_grad(set_to_none=True)
                     with autocast():
-                        loss = F.cross_entropy(net.model(x), y)
+                        logits = net.model(x)
+                        loss = F.cross_entropy(logits, y)
+                        if id(net) in learns:
+                            teachers = peer_logits([s for s in students if s is not net], x)
+                            loss = loss + cfg.distill_weight * distill_loss(
+                                logits, teachers, cfg.distill_T
+                            )
                     loss.backward()
                     net.optimizer.step()
                     if net.scheduler is not None:
@@ -284,6 +347,29 @@ def train_epoch(
                     totals[net.name] += loss.detach().float()
         progress.batch(i, loss.detach())
     return {name: float(t) / steps for name, t in totals.items()}
+
+
+def distill_loss(logits: torch.Tensor, teachers: Sequence[torch.Tensor], T: float) -> torch.Tensor:
+    """Deep mutual learning's term: ``T^2`` times the mean over peers of
+    ``KL(softmax(peer / T) || softmax(logits / T))``, per sample (the peers' logits are targets).
+    """
+    log_p = F.log_softmax(logits.float() / T, dim=1)
+    terms = [
+        F.kl_div(log_p, F.log_softmax(t.float() / T, dim=1), reduction="batchmean", log_target=True)
+        for t in teachers
+    ]
+    return (T * T) * torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def peer_logits(peers: Sequence[Net], x: torch.Tensor) -> list[torch.Tensor]:
+    """The peers' predictions on ``x`` as targets: in train mode, as in their own steps, with
+    their norm statistics left as they are."""
+    out = []
+    for p in peers:
+        with frozen_norm_statistics(p.model):
+            out.append(p.model(x).detach())
+    return out
 
 
 @torch.inference_mode()
@@ -303,7 +389,7 @@ def evaluate(
     autocast = _autocast(device, cfg.amp)
     for net in nets:
         net.model.eval()
-    kinds = {kind: [n for n in nets if n.kind == kind] for kind in ("grafted", "baseline")}
+    kinds = {kind: [n for n in nets if n.kind == kind] for kind in ("grafted", "peer", "baseline")}
     names = [n.name for n in nets] + [f"ensemble_{k}" for k, members in kinds.items() if members]
     correct = {name: torch.zeros(2, device=device) for name in names}
     seen = 0
@@ -323,6 +409,53 @@ def evaluate(
                 mean = stacked.mean(0)
                 correct[f"ensemble_{kind}"] += _correct(mean, y)
         seen += len(y)
+    return {name: tuple((100.0 * c / seen).tolist()) for name, c in correct.items()}  # type: ignore[misc]
+
+
+def soup(models: Sequence[nn.Module]) -> nn.Module:
+    """A copy of ``models[0]`` holding the plain mean of the models' floating-point tensors
+    (integer buffers, such as batch counts, are the first model's)."""
+    out = copy.deepcopy(models[0])
+    states = [m.state_dict() for m in models]
+    mean = {
+        k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+        if v.is_floating_point()
+        else v
+        for k, v in states[0].items()
+    }
+    out.load_state_dict(mean)
+    return out
+
+
+def evaluate_soups(
+    nets: Sequence[Net], loader: Any, cfg: TrainConfig, device: torch.device, spec: DataSpec
+) -> dict[str, tuple[float, float]]:
+    """Top-1 and top-5 (%) of the soup of each kind of two or more networks, its norm
+    statistics re-estimated from ``--soup-recalibrate`` training batches (0: kept as mixed)."""
+    kinds = {k: [n for n in nets if n.kind == k] for k in ("grafted", "peer", "baseline")}
+    soups = {}
+    for kind, members in kinds.items():
+        if len(members) < 2:
+            continue
+        model = soup([n.model for n in members])
+        if cfg.soup_recalibrate:
+            recalibrate_norms(model, norm_batches(spec, cfg, cfg.soup_recalibrate, 6))
+        soups[f"soup_{kind}"] = Net(f"soup_{kind}", -1, False, model, members[0].optimizer, 0.0)
+    if not soups:
+        return {}
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    autocast = _autocast(device, cfg.amp)
+    correct = {name: torch.zeros(2, device=device) for name in soups}
+    seen = 0
+    with torch.inference_mode():
+        for net in soups.values():
+            net.model.eval()
+        for x, y in loader:
+            x, y = x.to(device, memory_format=memory), y.to(device)
+            for name, net in soups.items():
+                with autocast():
+                    correct[name] += _correct(net.model(x).float(), y)
+            seen += len(y)
     return {name: tuple((100.0 * c / seen).tolist()) for name, c in correct.items()}  # type: ignore[misc]
 
 
@@ -358,12 +491,12 @@ def _net_rows(
             }
         )
     for name, (top1, top5) in acc.items():
-        if name.startswith("ensemble_"):
+        if name.startswith(("ensemble_", "soup_")):
             rows.append(
                 {
                     "epoch": epoch + 1,
                     "network": name,
-                    "kind": "ensemble",
+                    "kind": name.split("_")[0],
                     "top1": top1,
                     "top5": top5,
                 }
@@ -385,7 +518,18 @@ def recipe_line(cfg: TrainConfig, spec: DataSpec, steps: int, every: int) -> str
         )
     else:
         lr = f"{cfg.lr}"
-    nets = f"{cfg.peers} grafted peers" + (f" + {cfg.peers} baselines" if cfg.baseline else "")
+    kind = "grafted peers" if cfg.graft else "peers without rounds"
+    nets = f"{cfg.peers} {kind}" + (f" + {cfg.peers} baselines" if cfg.baseline else "")
+    extras = [
+        f"rate {cfg.graft_rate}" + (" x lr" if cfg.graft_rate_lr else ""),
+        f"start {cfg.graft_start}",
+        f"recalibrate {cfg.graft_recalibrate}",
+        f"optimizer state {cfg.graft_optimizer_state}",
+    ]
+    if cfg.same_init:
+        extras.append("same init")
+    if cfg.distill_weight:
+        extras.append(f"distill {cfg.distill_weight} T={cfg.distill_T}")
     shape = f"{spec.in_chans}x{spec.img_size}x{spec.img_size}"
     sizes = f"{len(spec.train)} train / {len(spec.val)} val images"  # type: ignore[arg-type]
     return (
@@ -395,7 +539,7 @@ def recipe_line(cfg: TrainConfig, spec: DataSpec, steps: int, every: int) -> str
         f"wd {cfg.weight_decay}, sched {cfg.sched} (per step), "
         f"aug {'none' if cfg.no_aug else 'crop+flip'}; graft every {every} steps, "
         f"A={cfg.graft_A} c={cfg.graft_c} bins={cfg.graft_bins} level={cfg.graft_level} "
-        f"criterion={cfg.graft_criterion}; seed {cfg.seed}"
+        f"criterion={cfg.graft_criterion} {' '.join(extras)}; seed {cfg.seed}"
     )
 
 
@@ -447,7 +591,12 @@ def train(
     every = cfg.graft_every or steps
     lanes = [ctx.peer] if ctx is not None else list(range(cfg.peers))
     nets = build_nets(cfg, spec, device, lanes)
-    attach_grafting(nets, cfg, every, ctx)
+    if ctx is not None and cfg.distill_weight > 0:
+        raise ValueError(
+            "--distill-weight under torchrun: the peers' predictions would have to cross ranks "
+            "every step, which graftopt train does not do; distil in one process"
+        )
+    attach_grafting(nets, cfg, every, ctx, spec)
     attach_schedulers(nets, cfg, steps)
 
     epoch0, rows, alpha_rows = 0, [], []
@@ -504,6 +653,9 @@ def train(
             ]
             losses = train_epoch(nets, loaders, epoch, steps, cfg, device, progress)
             acc = evaluate(nets, val, cfg, device, ctx)
+            if epoch + 1 == cfg.epochs and ctx is None:
+                # The one model to ship: each kind's soup, after the last round.
+                acc.update(evaluate_soups(nets, val, cfg, device, spec))
             epoch_rows = _net_rows(nets, epoch, losses, acc)
             epoch_alphas = list(new_alphas)
             new_alphas.clear()

@@ -38,8 +38,10 @@ def _integer_ticks() -> Any:
 def _style(kind: str) -> dict[str, Any]:
     return {
         "grafted": {"linestyle": "-", "marker": "o"},
+        "peer": {"linestyle": "-", "marker": "d"},
         "baseline": {"linestyle": "--", "marker": "s"},
         "ensemble": {"linestyle": ":", "marker": "^"},
+        "soup": {"linestyle": "", "marker": "*"},
     }.get(kind, {})
 
 
@@ -148,7 +150,7 @@ def write_plots(
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "accuracy.png", folder / "invalid_filters.png"]
     _accuracy(plt, rows, written[0])
-    _invalid(plt, [r for r in rows if r["kind"] != "ensemble"], written[1])
+    _invalid(plt, [r for r in rows if r["kind"] not in ("ensemble", "soup")], written[1])
     alphas = run / "alphas.csv"
     alpha_rows = read_csv(alphas) if alphas.is_file() else []
     if alpha_rows:

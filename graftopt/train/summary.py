@@ -40,7 +40,12 @@ ALPHA_FIELDS = ("epoch", "network", "round", "step", "unit", "alpha")
 ENSEMBLES = {
     "ensemble_baseline": "ensemble of the baselines",
     "ensemble_grafted": "ensemble of the grafted",
+    "ensemble_peer": "ensemble of the peers",
+    "soup_baseline": "soup of the baselines",
+    "soup_grafted": "soup of the grafted",
+    "soup_peer": "soup of the peers",
 }
+KINDS = ("grafted", "peer", "baseline")
 
 
 def write_csv(
@@ -103,7 +108,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "last_epoch": int(rs[-1]["epoch"]),
         }
     groups = {}
-    for kind in ("grafted", "baseline"):
+    for kind in KINDS:
         members = [n for n in nets.values() if n["kind"] == kind]
         if members:
             best = _mean_std([n["best_top1"] for n in members])
@@ -139,10 +144,11 @@ def format_table(summary: dict[str, Any]) -> str:
     for name, label in ENSEMBLES.items():
         if name in nets:
             n = nets[name]
-            lines.append(_row(label, "ensemble", n))
+            lines.append(_row(label, name.split("_")[0], n))
     groups = summary["groups"]
-    if "grafted" in groups and "baseline" in groups:
-        delta = groups["grafted"]["last"][0] - groups["baseline"]["last"][0]
-        lines.append("")
-        lines.append(f"Last-epoch top-1, grafted minus baseline (means): {delta:+.2f} points.")
+    for kind in ("grafted", "peer"):
+        if kind in groups and "baseline" in groups:
+            delta = groups[kind]["last"][0] - groups["baseline"]["last"][0]
+            lines.append("")
+            lines.append(f"Last-epoch top-1, {kind} minus baseline (means): {delta:+.2f} points.")
     return "\n".join(lines) + "\n"
