@@ -111,8 +111,9 @@ def test_csv_and_table_are_consistent(runs: dict[str, Path]) -> None:
         "ensemble_grafted",
         "ensemble_baseline",
     ]
-    assert [r["network"] for r in rows] == nets * 2
-    assert [r["epoch"] for r in rows] == [1] * 6 + [2] * 6
+    soups = ["soup_grafted", "soup_baseline"]  # after the last round only
+    assert [r["network"] for r in rows] == nets * 2 + soups
+    assert [r["epoch"] for r in rows] == [1] * 6 + [2] * 8
     for r in rows:
         assert 0.0 <= r["top1"] <= r["top5"] <= 100.0
         if r["kind"] == "grafted":
@@ -120,7 +121,7 @@ def test_csv_and_table_are_consistent(runs: dict[str, Path]) -> None:
             assert 0.3 < r["mean_alpha"] < 0.7
         if r["kind"] == "baseline":
             assert r["graft_rounds"] is None and r["mean_alpha"] is None
-        if r["kind"] != "ensemble":
+        if r["kind"] not in ("ensemble", "soup"):
             assert 0 <= r["invalid_0.01"] <= r["invalid_0.1"] <= r["filters"]
     # Identical recipe per lane: the baseline starts at the grafted peer's learning rate.
     first = {r["network"]: r for r in rows[:6]}
