@@ -78,3 +78,48 @@ def ref_graft(host: nn.Module, peers: list[nn.Module], A: float = 0.4, c: float 
         for name in members:
             out[name] = sum(a * hs[name] + (1 - a) * p[name] for a, p in zip(alphas, ps)) / len(ps)
     return out
+
+
+# Modules whose tests run twice: on the C kernels and on the pure-torch path (no compiler).
+BOTH_PATHS = {"test_optimizer", "test_rounds", "test_round_options"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in BOTH_PATHS:
+        metafunc.fixturenames.append("kernel_path")
+        metafunc.parametrize("kernel_path", ["c", "torch"], indirect=True)
+
+
+@pytest.fixture
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    from graftopt.kernels import cpu
+
+    if request.param == "torch":
+        monkeypatch.setenv("GRAFTOPT_NO_CKERNEL", "1")
+    cpu.library.cache_clear()
+    if request.param == "c":
+        require_c()
+    yield request.param
+    monkeypatch.undo()
+    cpu.library.cache_clear()
+
+
+def require_c() -> None:
+    """Skip where no compiler is found; where one is, a failed build fails the test."""
+    import os
+    import shutil
+
+    from graftopt.kernels import cpu
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if os.environ.get("GRAFTOPT_NO_CKERNEL", "") not in ("", "0"):
+        pytest.skip("C kernels switched off (GRAFTOPT_NO_CKERNEL)")
+    if cc is None or shutil.which(cc) is None:
+        pytest.skip("no C compiler for the CPU kernels")
+    assert cpu.available(), f"a C compiler is here but the kernels did not build: {cpu.status()}"
+
+
+@pytest.fixture
+def c_kernels() -> None:
+    """For tests of the C kernels themselves (see :func:`require_c`)."""
+    require_c()

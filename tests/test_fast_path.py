@@ -19,7 +19,7 @@ from graftopt.peers import ModulePeers
 
 from .conftest import make_net
 
-needs_c = pytest.mark.skipif(not cpu.available(), reason="no C compiler for the CPU kernels")
+needs_c = pytest.mark.usefixtures("c_kernels")
 
 
 def _straight(t: torch.Tensor, bins: int = 10) -> torch.Tensor:

@@ -17,7 +17,7 @@ from graftopt.kernels import cpu
 
 from .conftest import make_net
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs the C kernels")
+pytestmark = pytest.mark.usefixtures("c_kernels")
 
 
 def _ring(models, **kw):

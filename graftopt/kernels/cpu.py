@@ -1,9 +1,12 @@
 """CPU kernels for the round: a segmented histogram and a multi-tensor mix, in C via ctypes.
 
-The C source is compiled on first use with the system C compiler (``cc -O3 -fopenmp``) into a
-cache directory (``$GRAFTOPT_CACHE`` or ``~/.cache/graftopt``) and loaded with :mod:`ctypes`, so
-no torch headers and no build step at install time are needed. Where no compiler is found or
-``GRAFTOPT_NO_CKERNEL=1`` is set, :func:`library` returns ``None`` and callers use pure torch.
+The C source (``cpu.c`` beside this file, shipped as package data) is compiled on first use with
+the system C compiler (``cc -O3 -fopenmp``) into a cache directory (``$GRAFTOPT_CACHE`` or
+``~/.cache/graftopt``), one file per source, flags, compiler and machine, under a file lock, and
+loaded with :mod:`ctypes`: no torch headers and no build step at install time are needed
+(``python -m graftopt.kernels build`` builds ahead of time). Where it cannot be built, or
+``GRAFTOPT_NO_CKERNEL=1`` is set, :func:`library` returns ``None``, callers use pure torch, and
+:func:`status` says why; a build that fails warns once.
 
 The kernels link the process's OpenMP runtime (the one torch already loaded) and run on
 ``torch.get_num_threads()`` threads. On x86-64 CPUs with AVX-512 the histogram takes a
@@ -14,21 +17,24 @@ one compare per bin edge); ``GRAFTOPT_CKERNEL_PORTABLE=1`` builds without it. Bo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import itertools
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ._cpu_src import SOURCE
+SOURCE_FILE = Path(__file__).with_name("cpu.c")
 
 __all__ = [
     "DTYPES",
@@ -40,13 +46,14 @@ __all__ = [
     "library",
     "mix_into",
     "segment_histogram",
+    "status",
 ]
 
 # dtype codes shared with the C source.
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 _P = ctypes.c_void_p
 _I64, _I32 = ctypes.c_int64, ctypes.c_int32
-# Argument types of the C functions, in the order of their C signatures in _cpu_src.
+# Argument types of the C functions, in the order of their C signatures in cpu.c.
 _SIGNATURES = {
     "graft_segment_hist": [_I64, _P, _P, _P, _P, _I32, _P, _P, _I32],
     "graft_mix": [_I64, *[_P] * 7, _I64, _I32, _I32, _P, _I32],
@@ -65,36 +72,101 @@ def _on(variable: str) -> bool:
     return os.environ.get(variable, "") not in ("", "0")
 
 
+# Why the last call of library() gave what it gave.
+_STATUS = "not built yet"
+
+
+def status() -> str:
+    """Which CPU path rounds take and why: ``"built"``, ``"switched off ..."``,
+    ``"no compiler ..."``, ``"compile failed: <stderr>"`` or ``"cache not writable ..."``."""
+    library()
+    return _STATUS
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` where the platform has one (ranks build once)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the atomic rename alone keeps the file whole
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _unavailable(reason: str, hint: str) -> None:
+    global _STATUS
+    _STATUS = reason
+    warnings.warn(
+        f"graftopt's C kernels are unavailable ({reason}); graft rounds on CPU use pure torch, "
+        f"which is several times slower. {hint}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None when they cannot be built here (or are switched off)."""
+    """The compiled kernels, or None when they cannot be built here (or are switched off).
+
+    The first failure warns once (:func:`status` keeps the reason); ``library.cache_clear()``
+    tries again.
+    """
+    global _STATUS
     if _on("GRAFTOPT_NO_CKERNEL"):
+        _STATUS = "switched off (GRAFTOPT_NO_CKERNEL=1)"
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
+    if cc is None or shutil.which(cc) is None:
+        _unavailable(
+            f"no compiler: {cc or 'cc'} not found",
+            "Install a C compiler with OpenMP (gcc), or set CC; GRAFTOPT_NO_CKERNEL=1 silences "
+            "this.",
+        )
         return None
+    source = SOURCE_FILE.read_text()
     # GRAFTOPT_CKERNEL_PORTABLE=1 builds without the AVX-512 paths (what other CPUs run).
     flags = _FLAGS + (["-DGRAFT_PORTABLE_ONLY"] if _on("GRAFTOPT_CKERNEL_PORTABLE") else [])
-    key = hashlib.sha256((SOURCE + " ".join(flags) + cc).encode()).hexdigest()[:16]
+    ident = "\0".join([source, " ".join(flags), cc, platform.machine(), platform.system()])
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     target = _cache_dir() / f"graftopt_cpu_{key}.so"
     try:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                src = Path(tmp) / "graft.c"
-                src.write_text(SOURCE)
-                out = Path(tmp) / target.name
-                subprocess.run(
-                    [cc, *flags, str(src), "-o", str(out), "-lm"], check=True, capture_output=True
-                )
-                os.replace(out, target)  # atomic: concurrent builders never see a partial file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(target.with_suffix(".lock")):
+            if not target.exists():
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                    out = Path(tmp) / target.name
+                    cmd = [cc, *flags, str(SOURCE_FILE), "-o", str(out), "-lm"]
+                    done = subprocess.run(cmd, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+                        _unavailable(
+                            f"compile failed: {tail}",
+                            f"The command was: {' '.join(cmd)}.",
+                        )
+                        return None
+                    os.replace(out, target)  # atomic: readers never see a partial file
+    except OSError as e:
+        _unavailable(
+            f"cache not writable: {e}",
+            "Set GRAFTOPT_CACHE to a writable folder.",
+        )
+        return None
+    try:
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError):
+    except OSError as e:
+        _unavailable(f"could not load {target}: {e}", "Delete the file to rebuild it.")
         return None
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = args
+    _STATUS = "built"
     return lib
 
 

@@ -24,7 +24,7 @@ try:
 except ImportError:  # triton is optional: callers fall back to pure torch
     triton = None
 
-__all__ = ["BLOCK", "available", "segment_histogram"]
+__all__ = ["BLOCK", "available", "segment_histogram", "status"]
 
 BLOCK = 1024
 
@@ -32,6 +32,15 @@ BLOCK = 1024
 def available() -> bool:
     """Whether triton is importable."""
     return triton is not None
+
+
+def status() -> str:
+    """Which CUDA path rounds take: the Triton histogram, or torch's ops and why."""
+    if triton is None:
+        return "torch (triton is not installed)"
+    if not torch.cuda.is_available():
+        return "triton installed; no CUDA device here"
+    return "triton"
 
 
 if triton is not None:

@@ -1,6 +1,4 @@
-"""C source of the CPU kernels (built on first use by :mod:`graftopt.kernels.cpu`)."""
-
-SOURCE = r"""
+/* The CPU kernels of a graft round, built on first use by graftopt/kernels/cpu.py. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -894,4 +892,3 @@ int graft_finite(int64_t n, const int64_t *ptrs, const int64_t *numel, const int
     }
     return 0;
 }
-"""

@@ -1,0 +1,114 @@
+"""The C kernels' build: status, loud fallbacks, and the torch path for several rounds."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import graftopt
+from graftopt.kernels import cpu
+
+from .conftest import make_net
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("GRAFTOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GRAFTOPT_NO_CKERNEL", raising=False)
+    cpu.library.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    cpu.library.cache_clear()
+
+
+def test_switched_off_says_so_without_warning(fresh: pytest.MonkeyPatch) -> None:
+    fresh.setenv("GRAFTOPT_NO_CKERNEL", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu.library() is None
+    assert cpu.status() == "switched off (GRAFTOPT_NO_CKERNEL=1)"
+    assert graftopt.kernels.status()["cpu"] == cpu.status()
+
+
+def test_missing_compiler_warns_once(fresh: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fresh.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(RuntimeWarning, match="no compiler") as caught:
+        assert cpu.library() is None
+        assert cpu.library() is None
+    assert len(caught) == 1
+    assert cpu.status().startswith("no compiler")
+
+
+def test_failed_compile_reports_its_stderr(fresh: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cc = tmp_path / "bad-cc"
+    cc.write_text("#!/bin/sh\necho 'cpu.c:1: error: this compiler is broken' >&2\nexit 1\n")
+    cc.chmod(cc.stat().st_mode | stat.S_IEXEC)
+    fresh.setenv("CC", str(cc))
+    with pytest.warns(RuntimeWarning, match="compile failed"):
+        assert cpu.library() is None
+    assert cpu.status() == "compile failed: cpu.c:1: error: this compiler is broken"
+
+
+def test_unwritable_cache_is_reported(fresh: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    fresh.setenv("GRAFTOPT_CACHE", str(blocker / "cache"))  # a folder under a file
+    with pytest.warns(RuntimeWarning, match="cache not writable"):
+        assert cpu.library() is None
+    assert cpu.status().startswith("cache not writable")
+
+
+def test_build_command_builds_ahead_of_time(tmp_path: Path) -> None:
+    from .conftest import require_c
+
+    require_c()
+    env = {**os.environ, "GRAFTOPT_CACHE": str(tmp_path / "c")}
+    env.pop("GRAFTOPT_NO_CKERNEL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "graftopt.kernels", "build"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "cpu: built" in done.stdout
+    assert list((tmp_path / "c").glob("graftopt_cpu_*.so"))
+
+
+def test_ring_of_three_runs_rounds_on_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several rounds without the C kernels equal the rounds with them (where they build)."""
+
+    def run() -> list[dict[str, torch.Tensor]]:
+        models = [make_net(s) for s in range(3)]
+        opts = graftopt.ring(
+            models, [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models],
+            every=2,
+        )  # fmt: skip
+        g = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            x, y = torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+            for m, o in zip(models, opts, strict=True):
+                o.zero_grad()
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+                o.step()
+        assert [o.rounds for o in opts] == [3, 3, 3]
+        return [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+
+    monkeypatch.setenv("GRAFTOPT_NO_CKERNEL", "1")
+    cpu.library.cache_clear()
+    try:
+        torch_path = run()
+    finally:
+        monkeypatch.delenv("GRAFTOPT_NO_CKERNEL")
+        cpu.library.cache_clear()
+    if not cpu.available():
+        return
+    c_path = run()
+    for a, b in zip(torch_path, c_path, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
