@@ -10,6 +10,7 @@ alpha columns) is built once per layout and checked each round against a key per
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ class GraftSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.A <= 1.0:
             raise ValueError(f"A must lie in [0, 1], got {self.A}")
-        if not self.c >= 0.0:
-            raise ValueError(f"c must be >= 0, got {self.c}")
+        # Finite only: c = inf makes tied scores give alpha = inf * 0 = NaN.
+        if not (self.c >= 0.0 and math.isfinite(self.c)):
+            raise ValueError(f"c must be a finite number >= 0, got {self.c}")
         if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 2:
             raise ValueError(f"bins must be an integer >= 2, got {self.bins!r}")
         if self.level not in LEVELS:

@@ -222,6 +222,14 @@ class GraftOptimizer(Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
 
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for names the wrapper lacks: the inner optimizer's own attributes
+        # (timm's train.py reads ``is_second_order`` and calls ``sync_lookahead``).
+        inner = self.__dict__.get("optimizer")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(inner, name)
+
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("GraftOptimizer cannot be pickled; save state_dict() instead")
 

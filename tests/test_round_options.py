@@ -226,3 +226,38 @@ def test_round_recalibrates_the_host_from_the_round_batches() -> None:
         )  # fmt: skip
     with pytest.raises(ValueError, match="batches must be an integer"):
         Recalibration(_batches(1), batches=0)
+
+
+# -- validation and what the wrapper forwards ---------------------------------------------
+
+
+@pytest.mark.parametrize(("kw", "message"), [({"c": float("inf")}, "c must be a finite"),
+                                             ({"c": float("nan")}, "c must be a finite"),
+                                             ({"A": float("nan")}, "A must lie in")])  # fmt: skip
+def test_non_finite_curve_settings_are_refused(kw: dict, message: str) -> None:
+    host, peer = make_net(0), make_net(1)
+    with pytest.raises(ValueError, match=message):
+        GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.1), [peer], every=1, **kw)
+
+
+def test_inner_optimizer_attributes_reach_the_caller() -> None:
+    host, peer = make_net(0), make_net(1)
+    inner = torch.optim.SGD(host.parameters(), lr=0.1)
+    inner.is_second_order = True
+    inner.sync_lookahead = lambda: "synced"
+    opt = GraftOptimizer(inner, [peer], every=1)
+    assert opt.is_second_order is True
+    assert opt.sync_lookahead() == "synced"
+    assert hasattr(opt, "is_second_order")
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        _ = opt.no_such_thing
+
+
+def test_create_graft_optimizer_takes_a_peer_source() -> None:
+    from graftopt import ModulePeers
+    from graftopt.train import create_graft_optimizer
+
+    host, peer = make_net(0), make_net(1)
+    opt = create_graft_optimizer(host, ModulePeers([peer]), every=1, opt="sgd", lr=0.1)
+    _step(host, opt, 0)
+    assert opt.rounds == 1 and opt.peers.num_peers == 1

@@ -147,8 +147,8 @@ def test_resumed_run_equals_uninterrupted(runs: dict[str, Path]) -> None:
     full, split = runs["full"], runs["split"]
     for name in ("metrics.csv", "alphas.csv", "summary.md"):
         assert (full / name).read_text() == (split / name).read_text(), name
-    a = torch.load(full / "checkpoint.pth", weights_only=False)
-    b = torch.load(split / "checkpoint.pth", weights_only=False)
+    a = torch.load(full / "checkpoint.pth", weights_only=True)
+    b = torch.load(split / "checkpoint.pth", weights_only=True)
     for net, state in a["nets"].items():
         for key, value in state["model"].items():
             assert torch.equal(value, b["nets"][net]["model"][key]), (net, key)
@@ -180,7 +180,7 @@ def test_inspect_prints_layers(runs: dict[str, Path], capsys: pytest.CaptureFixt
     assert "== grafted1" in out and "grafted0" not in out
     assert "conv1" in out and "fc" in out and out.rstrip().splitlines()[-1].startswith("total")
     # A bare state dict works too.
-    state = torch.load(runs["full"] / "checkpoint.pth", weights_only=False)["nets"]["baseline0"]
+    state = torch.load(runs["full"] / "checkpoint.pth", weights_only=True)["nets"]["baseline0"]
     path = runs["full"] / "bare.pth"
     torch.save(state["model"], path)
     code, out, _ = _run(["inspect", str(path)], capsys)
@@ -321,3 +321,36 @@ def test_create_graft_optimizer_with_timm_arguments() -> None:
     assert [o.rounds for o in opts] == [1, 1]
     assert opts[0].settings.c == 100.0
     assert len(opts[0].param_groups) == 2  # timm's decay / no-decay split, shared with the wrapper
+
+
+class _Payload:
+    """A pickle that, loaded unsafely, writes a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_checkpoints_run_no_code(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    state = torch.load(runs["full"] / "checkpoint.pth", weights_only=True)
+    state["rows"].append(_Payload(marker))
+    torch.save(state, evil / "checkpoint.pth")
+    torch.save({"conv.weight": torch.ones(2, 2, 3, 3), "x": _Payload(marker)}, tmp_path / "sd.pth")
+    code, _, err = _run(["inspect", str(tmp_path / "sd.pth")], capsys)
+    assert code == 2 and "safe loader" in err and "refuses" in err, err
+    code, _, err = _run(["train", "--resume", str(evil), "--no-report"], capsys)
+    assert code == 2 and "safe loader" in err, err
+    code, _, err = _run(["inspect", str(evil)], capsys)
+    assert code == 2 and "safe loader" in err, err
+    assert not marker.exists()
+    (tmp_path / "empty.pth").write_bytes(b"")
+    code, _, err = _run(["inspect", str(tmp_path / "empty.pth")], capsys)
+    assert code == 2 and "corrupt, truncated or empty" in err, err
+    assert len(err.strip().splitlines()) == 1

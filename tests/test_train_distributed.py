@@ -78,9 +78,9 @@ def test_torchrun_resumed_equals_one_process_run(data: list[str], tmp_path: Path
         assert (ranks / name).read_text() == (one / name).read_text(), name
     rows = read_csv(ranks / "metrics.csv")
     assert [r["graft_rounds"] for r in rows if r["kind"] == "grafted"] == [2, 2, 4, 4]
-    whole = torch.load(one / "checkpoint.pth", weights_only=False)
+    whole = torch.load(one / "checkpoint.pth", weights_only=True)
     for rank in range(2):
-        part = torch.load(ranks / f"checkpoint-rank{rank}.pth", weights_only=False)
+        part = torch.load(ranks / f"checkpoint-rank{rank}.pth", weights_only=True)
         assert (part["rank"], part["world_size"], part["epoch"]) == (rank, 2, 2)
         assert sorted(part["nets"]) == [f"baseline{rank}", f"grafted{rank}"]  # its lane only
         for net, state in part["nets"].items():

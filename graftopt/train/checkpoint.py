@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,34 @@ __all__ = [
     "load_checkpoint",
     "rank_checkpoint_name",
     "rank_checkpoints",
+    "safe_load",
     "save_checkpoint",
     "set_rng_state",
 ]
 
 CHECKPOINT = "checkpoint.pth"
-FORMAT = "graftopt-train/1"
+# 2: every value loads with torch.load(weights_only=True) (the numpy RNG state as a list).
+FORMAT = "graftopt-train/2"
+
+
+def safe_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU; a file it refuses, or a corrupt
+    or empty one, raises ``ValueError`` saying so. Nothing in a file is ever run: there is no
+    unsafe fallback."""
+    p = Path(path)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{p}: the safe loader (torch.load weights_only=True) refuses this file, so it is "
+            f"not loaded: it holds objects other than tensors and plain values ({first}). "
+            "graftopt never runs code from a file; re-save it as a plain state dict."
+        ) from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{p} is corrupt, truncated or empty: {e}") from None
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -112,11 +136,13 @@ def load_checkpoint(path: str | os.PathLike[str], rank: int | None = None) -> di
     With ``rank``, the file of that rank of a ``torchrun`` run in the folder ``path``.
     """
     p = find_checkpoint(path) if rank is None else find_rank_checkpoint(path, rank)
-    # weights_only stays off: the state holds numpy and Python RNG states, which are not
-    # plain tensors; only load checkpoints you trust (as with any torch.load).
-    state = torch.load(p, map_location="cpu", weights_only=False)
+    state = safe_load(p)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{p} is not a graftopt train checkpoint (expected format {FORMAT})")
+        found = state.get("format") if isinstance(state, dict) else None
+        raise ValueError(
+            f"{p} is not a graftopt train checkpoint of this version (format {found!r}, "
+            f"expected {FORMAT})"
+        )
     return state
 
 
@@ -125,16 +151,29 @@ def get_rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # As plain values, which the safe loader accepts (a numpy array is not one).
+        "numpy": _plain_numpy_state(np.random.get_state()),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _plain_numpy_state(state: tuple) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+
+
+def _python_state(state: Any) -> tuple:
+    # Saved as a tuple, it may come back with lists inside.
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_python_state(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -124,8 +124,8 @@ class TrainConfig:
             raise ValueError(f"--peer-timeout must be > 0 seconds, got {self.peer_timeout}")
         if not 0.0 <= self.graft_A <= 1.0:
             raise ValueError(f"--graft-A must lie in [0, 1], got {self.graft_A}")
-        if not self.graft_c >= 0.0:
-            raise ValueError(f"--graft-c must be >= 0, got {self.graft_c}")
+        if not (self.graft_c >= 0.0 and math.isfinite(self.graft_c)):
+            raise ValueError(f"--graft-c must be a finite number >= 0, got {self.graft_c}")
         if self.graft_criterion == "bn" and self.graft_level != "filter":
             raise ValueError("--graft-criterion bn scores each filter: use --graft-level filter")
         if not 0.0 < self.graft_rate <= 1.0:

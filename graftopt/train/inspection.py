@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from graftopt import functional as GF
 from graftopt import invalid_filters
 
-from .checkpoint import CHECKPOINT, FORMAT, find_checkpoint, rank_checkpoints
+from .checkpoint import CHECKPOINT, FORMAT, find_checkpoint, rank_checkpoints, safe_load
 from .config import TrainConfig
 
 __all__ = ["inspect_model", "inspect_path", "inspect_state_dict"]
@@ -78,7 +78,7 @@ def inspect_path(path: str | os.PathLike[str], network: str | None = None, bins:
     p = Path(path)
     if p.is_dir() and not (p / CHECKPOINT).exists() and rank_checkpoints(p):
         # A torchrun run: each rank's file holds its own networks.
-        parts = [torch.load(f, map_location="cpu", weights_only=False) for f in rank_checkpoints(p)]
+        parts = [safe_load(f) for f in rank_checkpoints(p)]
         state = {**parts[0], "nets": {k: v for part in parts for k, v in part["nets"].items()}}
     else:
         p = find_checkpoint(p) if p.is_dir() else p
@@ -86,7 +86,7 @@ def inspect_path(path: str | os.PathLike[str], network: str | None = None, bins:
             raise FileNotFoundError(
                 f"{p} not found: give a run folder, a checkpoint or a state dict file"
             )
-        state = torch.load(p, map_location="cpu", weights_only=False)
+        state = safe_load(p)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         cfg = TrainConfig.from_dict(state["config"])
         nets = state["nets"]

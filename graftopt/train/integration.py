@@ -8,14 +8,14 @@ from typing import Any
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from graftopt import GraftOptimizer
+from graftopt import GraftOptimizer, PeerSource
 
 __all__ = ["create_graft_optimizer"]
 
 
 def create_graft_optimizer(
     model: nn.Module,
-    peers: Sequence[nn.Module],
+    peers: Sequence[nn.Module] | PeerSource,
     *,
     every: int,
     graft: Mapping[str, Any] | None = None,
@@ -25,9 +25,11 @@ def create_graft_optimizer(
 
     Args:
         model: the host model the optimizer trains.
-        peers: the models it grafts from (in this process); for the paper's ring of ``k``
-            networks, network ``i`` takes ``peers=[models[i - 1]]``.
-        every: optimizer steps between graft rounds (the paper: one epoch, ``len(loader)``).
+        peers: the models it grafts from (in this process; for the paper's ring of ``k``
+            networks, network ``i`` takes ``peers=[models[i - 1]]``), or a
+            :class:`~graftopt.PeerSource` such as ``RingPeers()`` under torchrun.
+        every: optimizer steps between graft rounds: one epoch is the optimizer updates per
+            epoch (``len(loader) // grad_accum_steps``), not the batches.
         graft: other :class:`~graftopt.GraftOptimizer` keywords (``A``, ``c``, ``bins``,
             ``level``, ``criterion``, ``callback``, ...).
         **optimizer_kwargs: timm's optimizer arguments, as ``timm.optim.optimizer_kwargs(cfg=args)``
@@ -48,4 +50,5 @@ def create_graft_optimizer(
     optimizer = create_optimizer_v2(model, **optimizer_kwargs)
     # timm splits parameters into decay / no-decay groups, which reorders them, so the host
     # cannot be inferred from the optimizer: name it.
-    return GraftOptimizer(optimizer, list(peers), every=every, model=model, **dict(graft or {}))
+    source = peers if isinstance(peers, PeerSource) else list(peers)
+    return GraftOptimizer(optimizer, source, every=every, model=model, **dict(graft or {}))
