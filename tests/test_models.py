@@ -21,10 +21,11 @@ NAMES = [
     "cifar_resnet110",
 ]
 
-# Exact counts with 10 classes; the published figures are 2.24M (torchvision's MobileNetV2 with
-# 10 classes has the same count) and 0.27M / 0.46M / 0.85M / 1.7M for the ResNets.
+# Exact counts with 10 classes; the published figures are 2.24M and 0.27M / 0.46M / 0.85M /
+# 1.7M for the ResNets (the MobileNetV2's first block keeps its 32x32 expansion conv, 1 088
+# parameters more than torchvision's).
 PARAM_COUNTS = {
-    "cifar_mobilenetv2": 2_236_682,
+    "cifar_mobilenetv2": 2_237_770,
     "cifar_resnet20": 269_722,
     "cifar_resnet32": 464_154,
     "cifar_resnet56": 853_018,
@@ -89,6 +90,14 @@ def test_resnet_layout() -> None:
     assert model.fc.in_features == 64
 
 
+def test_mobilenetv2_has_the_papers_filter_count() -> None:
+    with torch.device("meta"):
+        model = timm.create_model("cifar_mobilenetv2", num_classes=100)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(m.out_channels for m in convs) == 17_088  # the paper's invalid-filter table
+    assert len(convs) == 53
+
+
 def test_mobilenetv2_layout() -> None:
     model = timm.create_model("cifar_mobilenetv2")
     assert model.conv_stem.stride == (1, 1)
@@ -97,7 +106,9 @@ def test_mobilenetv2_layout() -> None:
     assert model.blocks[1][0].conv_dw.stride == (1, 1)
     assert model.blocks[2][0].conv_dw.stride == (2, 2)
     assert model.conv_head.out_channels == 1280
-    assert isinstance(model.blocks[0][0].conv_pw, nn.Identity)  # t = 1: no expansion conv
+    # t = 1 keeps its expansion conv, as in the authors' network.
+    assert isinstance(model.blocks[0][0].conv_pw, nn.Conv2d)
+    assert model.blocks[0][0].conv_pw.out_channels == 32
     feats = model.forward_features(torch.randn(1, 3, 32, 32))
     assert feats.shape == (1, 1280, 4, 4)
 
