@@ -207,20 +207,33 @@ class Participant:
             return
         r = self.steps // self.every
         group = self._group()
-        if r > self.first and self.committed < r - 1:
+        if self.arrived > self.committed:
             late = [
                 type(p.host).__name__ + f" (at round {p.arrived})"
                 for p in group
-                if p.arrived < r - 1
+                if p.arrived < self.arrived
             ]
             raise RuntimeError(
-                f"{type(self.host).__name__} reached graft round {r} while round {r - 1} still "
-                f"waits for its peers {late}: step the models in lockstep (one step each per "
-                "iteration)"
+                f"{type(self.host).__name__} reached graft round {r} while round "
+                f"{self.arrived} still waits for its peers {late}: step the models in lockstep "
+                "(one step each per iteration)"
             )
         self.arrived = r
         if all(p.arrived >= r for p in group):
-            _commit(group, r)
+            try:
+                _commit(group, r)
+            except BaseException as e:
+                # Nothing was written (every check reads before the first write): the round
+                # did not happen, and the next round runs as usual.
+                for p in group:
+                    p.arrived = p.committed
+                    _SNAPSHOTS.pop(p.host, None)
+                if hasattr(e, "add_note"):
+                    e.add_note(
+                        f"graft round {r} (step {self.steps}) failed and was not applied; the "
+                        "models are as they were and the next round will run"
+                    )
+                raise
 
 
 def _commit(group: Sequence[Participant], r: int) -> None:

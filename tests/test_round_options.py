@@ -261,3 +261,35 @@ def test_create_graft_optimizer_takes_a_peer_source() -> None:
     opt = create_graft_optimizer(host, ModulePeers([peer]), every=1, opt="sgd", lr=0.1)
     _step(host, opt, 0)
     assert opt.rounds == 1 and opt.peers.num_peers == 1
+
+
+# -- a failed round -----------------------------------------------------------------------
+
+
+def test_a_failed_round_leaves_models_and_counters_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    models = [make_net(s) for s in range(3)]
+    opts = graftopt.ring(models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1)
+    source = opts[0].peers
+    real = type(source).fetch
+    calls = {"n": 0}
+
+    def flaky(self, names):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("peer source briefly unavailable")
+        return real(self, names)
+
+    monkeypatch.setattr(type(source), "fetch", flaky)
+    before = [{k: v.detach().clone() for k, v in m.named_parameters()} for m in models]
+    _step(models[0], opts[0], 0)
+    _step(models[1], opts[1], 0)
+    with pytest.raises(ConnectionError, match="briefly unavailable") as info:
+        _step(models[2], opts[2], 0)  # the round commits (and fails) here
+    notes = getattr(info.value, "__notes__", [""])
+    assert "was not applied" in notes[0] or not hasattr(info.value, "add_note")
+    for m, b in zip(models, before, strict=True):  # lr 0: only a round could move them
+        for k, v in m.named_parameters():
+            assert torch.equal(v, b[k]), k
+    for i, (m, o) in enumerate(zip(models, opts, strict=True)):
+        _step(m, o, i)  # the next round runs
+    assert [o.rounds for o in opts] == [2, 2, 2]
