@@ -423,6 +423,8 @@ class MixPlan:
                 ]
                 result[i] = mix(h, [p[i] for p in peers], per_peer, axis=ax)
                 checks = [torch.isfinite(t).all() for t in (h, *(p[i].to(h.device) for p in peers))]
+                # Peers of another dtype can hold finite values the host's dtype cannot.
+                checks.append(torch.isfinite(result[i]).all())
                 flags.append(torch.stack(checks).all().to(device))
             finite[self.rest_at.to(device)] = torch.stack(flags)
         return result, finite  # type: ignore[return-value]

@@ -388,6 +388,18 @@ class Grafter:
                     "round cannot write it; give it its own memory (.contiguous())"
                 )
 
+    def _check_shapes(self, layouts: Sequence[_Key]) -> None:
+        """Refuse a peer tensor whose shape is not the host's (torch would broadcast it)."""
+        host_shapes = layouts[0].value[1]
+        for j, key in enumerate(layouts[1:]):
+            for name, mine, theirs in zip(self.names, host_shapes, key.value[1], strict=True):
+                if mine != theirs:
+                    raise ValueError(
+                        f"peer {j} of {type(self.host).__name__}: {name} has shape "
+                        f"{tuple(theirs)}, the host's has {tuple(mine)} (was it replaced after "
+                        "wrapping?); nothing was written"
+                    )
+
     def _columns(
         self, host: Sequence[Tensor], slots: Sequence[int]
     ) -> tuple[list[int], list[int | None]]:
@@ -448,6 +460,7 @@ class Grafter:
         table = gentle(table, self.rate)
         mix_key = (host_key, *layouts[1:])
         if self._mix is None or self._mix[0] != mix_key:
+            self._check_shapes(layouts)  # tensors replaced since the last round
             self._mix = (mix_key, F.MixPlan(host, peers, columns, axes))
         record = RoundRecord(0, 0, self._unit_names, tuple(slots), h_scores, p_scores, alphas)
         return RoundPlan(host, peers, table, record, mix_key, self._mix[1], self._scored_finite)

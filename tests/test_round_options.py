@@ -293,3 +293,28 @@ def test_a_failed_round_leaves_models_and_counters_usable(monkeypatch: pytest.Mo
     for i, (m, o) in enumerate(zip(models, opts, strict=True)):
         _step(m, o, i)  # the next round runs
     assert [o.rounds for o in opts] == [2, 2, 2]
+
+
+def test_values_that_overflow_the_hosts_dtype_are_skipped() -> None:
+    host, peer = make_net(0), make_net(1).double()
+    with torch.no_grad():
+        peer.fc.weight[0, 0] = 1e300  # finite in float64, inf in float32
+    before = host.fc.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        record = graftopt.graft_(host, [peer])
+    assert "fc" in record.skipped
+    assert torch.equal(host.fc.weight, before)
+    assert all(torch.isfinite(v).all() for v in host.state_dict().values())
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (1,)])
+def test_a_peer_tensor_replaced_by_a_broadcastable_one_is_refused(shape: tuple) -> None:
+    host, peer = make_net(0), make_net(1)
+    opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
+    opt.step()
+    peer.fc.bias = nn.Parameter(torch.zeros(shape))
+    before = _state(host)
+    with pytest.raises(ValueError, match=r"peer 0 of SmallNet: fc.bias has shape"):
+        opt.step()
+    for k, v in host.state_dict().items():
+        assert torch.equal(v, before[k]), k
