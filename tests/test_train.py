@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -354,3 +355,18 @@ def test_hostile_checkpoints_run_no_code(
     code, _, err = _run(["inspect", str(tmp_path / "empty.pth")], capsys)
     assert code == 2 and "corrupt, truncated or empty" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_folder_splits_share_the_training_class_map(tmp_path: Path) -> None:
+    from graftopt.train.data import build_data
+
+    root = _write_folder(tmp_path / "f")
+    shutil.rmtree(root / "val" / "class0")  # val/ lacks a class: labels keep train's indices
+    cfg = TrainConfig(dataset="folder", data_dir=str(root), in_chans=1, img_size=SIZE)
+    spec = build_data(cfg, {})
+    labels = {int(spec.val[i][1]) for i in range(len(spec.val))}
+    assert labels == {1, 2} and spec.num_classes == 3
+    (root / "val" / "zebra").mkdir()
+    Image.fromarray(_images(1, 0)[0][0], mode="L").save(root / "val" / "zebra" / "z.png")
+    with pytest.raises(DataError, match=r"classes that .* does not: \['zebra'\]"):
+        build_data(cfg, {})

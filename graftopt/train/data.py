@@ -163,7 +163,20 @@ def _folder(cfg: TrainConfig, mode: str) -> tuple[Dataset, Dataset, int]:
         raise DataError(f"{root}/val/ not found: an image-folder dataset needs train/ and val/")
     try:
         train = create_dataset("", root=str(root), split="train", input_img_mode=mode)
-        val = create_dataset("", root=str(root), split=val_dir.name, input_img_mode=mode)
+        class_map = dict(train.reader.class_to_idx)
+        extra = sorted(d.name for d in val_dir.iterdir() if d.is_dir() and d.name not in class_map)
+        if extra:
+            raise DataError(
+                f"{val_dir}/ has classes that {root}/train/ does not: {extra[:5]}; both splits "
+                "need the same class folders (a missing one in val/ is fine)"
+            )
+        # The training split's labels for both: a class missing from val/ must not shift
+        # the indices of the others.
+        val = create_dataset(
+            "", root=str(root), split=val_dir.name, input_img_mode=mode, class_map=class_map
+        )
+    except DataError:
+        raise
     except Exception as e:  # timm's readers raise several types for an empty or odd tree
         raise DataError(f"cannot read the image folders under {root}: {e}") from e
     classes = len(train.reader.class_to_idx)
