@@ -370,3 +370,29 @@ def test_folder_splits_share_the_training_class_map(tmp_path: Path) -> None:
     Image.fromarray(_images(1, 0)[0][0], mode="L").save(root / "val" / "zebra" / "z.png")
     with pytest.raises(DataError, match=r"classes that .* does not: \['zebra'\]"):
         build_data(cfg, {})
+
+
+def test_a_diverged_run_says_so_and_fails(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ["--dataset", "folder", "--data-dir", str(folder), "--in-chans", "1", "--epochs", "1"]
+    code, out, err = _run(
+        ["train", *data, *TINY, "--lr", "1e10", "--output", str(tmp_path / "o")], capsys
+    )
+    assert code == 3, err
+    assert "DIVERGED (non-finite training loss)" in out
+    assert "diverged" in err and "lower --lr" in err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["networks"]["grafted0"]["diverged"] is True
+
+
+def test_resume_refuses_explicit_recipe_flags_even_at_their_default(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(["train", "--resume", str(runs["full"]), "--epochs", "30"], capsys)
+    assert code == 2 and "--epochs 30 (the run has 2)" in err, err
+    from graftopt.train.config import merge_resumed
+
+    saved = TrainConfig(epochs=4, stop_after=1).to_dict()
+    again = merge_resumed(saved, TrainConfig(resume="x"), {"resume"})
+    assert again.stop_after is None and again.epochs == 4  # --stop-after applies once

@@ -250,6 +250,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def explicit_flags(argv: Sequence[str]) -> set[str]:
+    """The ``train`` settings (field names) that ``argv`` gives explicitly."""
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        "train"
+    ]
+    given = set()
+    for action in train._actions:
+        for opt in action.option_strings:
+            if any(a == opt or a.startswith(opt + "=") for a in argv):
+                given.add(action.dest)
+    return given
+
+
 def _train(args: argparse.Namespace) -> int:
     from .ranks import USER_ERRORS, start
 
@@ -284,7 +298,7 @@ def _train_run(args: argparse.Namespace, cfg: TrainConfig, ctx: DistributedConte
         rank = None if ctx is None else ctx.rank
         state = agree(ctx, lambda: load_checkpoint(cfg.resume, rank))  # type: ignore[arg-type]
         given_output = cfg.output
-        cfg = merge_resumed(state["config"], cfg)
+        cfg = merge_resumed(state["config"], cfg, getattr(args, "explicit", None))
         resumed = Path(cfg.resume)  # type: ignore[arg-type]
         if ctx is None:
             folder = find_checkpoint(resumed).parent
@@ -312,6 +326,14 @@ def _train_run(args: argparse.Namespace, cfg: TrainConfig, ctx: DistributedConte
                 print(f"plot: {path}")
         except MissingMatplotlib as e:
             print(f"no plots: {e}", file=sys.stderr)
+    diverged = [n for n, s in result.summary["networks"].items() if s.get("diverged")]
+    if diverged:
+        print(
+            f"graftopt train: error: {', '.join(diverged)} diverged (non-finite training "
+            "loss); lower --lr",
+            file=sys.stderr,
+        )
+        return 3
     return 0
 
 
@@ -337,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if preset is not None:
         # A preset moves the defaults; flags given explicitly parse over them.
         args = build_parser(PRESETS[preset]).parse_args(argv)
+    if args.command == "train":
+        args.explicit = explicit_flags(sys.argv[1:] if argv is None else list(argv))
     handler = {"train": _train, "report": _report, "inspect": _inspect}[args.command]
     try:
         return handler(args)

@@ -206,18 +206,25 @@ def diverse_lr(lr: float, index: int, k: int) -> float:
     return lr * (1.0 + math.cos(math.pi * (k - i) / k)) / 2.0
 
 
-def merge_resumed(saved: dict[str, Any], given: TrainConfig) -> TrainConfig:
+def merge_resumed(
+    saved: dict[str, Any], given: TrainConfig, explicit: set[str] | None = None
+) -> TrainConfig:
     """The saved recipe, with the settings a resume may change taken from ``given``.
 
-    A recipe setting given on the command line (not at its default) that differs from the
-    saved one raises ``ValueError``: continuing under another recipe would not be a resume.
+    ``explicit``: the settings given on the command line (field names); without it, a setting
+    counts as given when it is not at its default. A given recipe setting that differs from the
+    saved one raises ``ValueError`` (continuing under another recipe would not be a resume,
+    and a longer ``--epochs`` would not stretch the saved schedule). ``stop_after`` applies to
+    this invocation only: it never comes from the saved run.
     """
     default = TrainConfig()
     old = TrainConfig.from_dict(saved)
+    old.stop_after = given.stop_after
     clashes = []
     for f in dataclasses.fields(TrainConfig):
         mine, theirs = getattr(given, f.name), getattr(old, f.name)
-        if mine == getattr(default, f.name):
+        named = f.name in explicit if explicit is not None else mine != getattr(default, f.name)
+        if not named:
             continue
         if f.name in RESUME_OVERRIDES:
             setattr(old, f.name, mine)

@@ -100,8 +100,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for name, rs in by_net.items():
         rs = sorted(rs, key=lambda r: int(r["epoch"]))
         best = max(rs, key=lambda r: float(r["top1"]))
+        losses = [r.get("train_loss") for r in rs if r.get("train_loss") is not None]
         nets[name] = {
             "kind": rs[0]["kind"],
+            "diverged": any(not math.isfinite(float(v)) for v in losses),
             "best_top1": float(best["top1"]),
             "best_epoch": int(best["epoch"]),
             "last_top1": float(rs[-1]["top1"]),
@@ -145,6 +147,13 @@ def format_table(summary: dict[str, Any]) -> str:
         if name in nets:
             n = nets[name]
             lines.append(_row(label, name.split("_")[0], n))
+    diverged = [name for name, n in nets.items() if n.get("diverged")]
+    if diverged:
+        lines.append("")
+        lines.append(
+            f"DIVERGED (non-finite training loss): {', '.join(diverged)}; their accuracies "
+            "are not results."
+        )
     groups = summary["groups"]
     for kind in ("grafted", "peer"):
         if kind in groups and "baseline" in groups:
