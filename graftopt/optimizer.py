@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .adapters import Adapter, Unit, get_adapter, unwrap
+from .adapters.base import validate_units
 from .diagnostics import RoundRecord
 from .grafter import Grafter, GraftSettings, check_rate
 from .peers import ModulePeers, PeerSource
@@ -186,6 +187,7 @@ class GraftOptimizer(Optimizer):
         self.model = host
         self.adapter = adapter if adapter is not None else get_adapter(host)
         units = self.adapter.units(host)
+        validate_units(host, units)
         source.bind(host, units, self.adapter)
         # A weak reference, so that dropping the wrapper frees the host for another wrapper
         # without waiting for the garbage collector to break a cycle.

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from .adapters import Adapter, get_adapter
-from .adapters.base import unwrap
+from .adapters.base import unwrap, validate_units
 from .diagnostics import RoundRecord
 from .grafter import Grafter, GraftSettings, RoundPlan, check_rate
 from .inplace import InPlaceRound, in_place_round
@@ -52,6 +52,7 @@ def graft_(
     host = unwrap(host)
     adapter = adapter if adapter is not None else get_adapter(host)
     units = adapter.units(host)
+    validate_units(host, units)
     source = ModulePeers(list(peers))
     source.bind(host, units, adapter)
     grafter = Grafter(host, units, source, GraftSettings(A, c, bins, level, criterion))

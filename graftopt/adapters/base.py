@@ -6,9 +6,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.utils.parametrize
 from torch import Tensor, nn
 
-__all__ = ["Adapter", "TensorRefs", "Unit", "tensor_table", "unwrap"]
+__all__ = ["Adapter", "TensorRefs", "Unit", "qualified", "tensor_table", "unwrap", "validate_units"]
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,69 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def tensor_table(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and buffer of a model by qualified name."""
-    table: dict[str, Tensor] = dict(model.named_parameters())
-    table.update(model.named_buffers())
+    """Every parameter and buffer of a model by qualified name (tied ones under each name)."""
+    table: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    table.update(model.named_buffers(remove_duplicate=False))
     return table
+
+
+def qualified(module_name: str, tensor: str) -> str:
+    """``module_name.tensor``, or ``tensor`` for the model itself (a bare ``nn.Linear``)."""
+    return f"{module_name}.{tensor}" if module_name else tensor
+
+
+def _why_missing(model: nn.Module, name: str) -> str:
+    prefix, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(prefix) if prefix else model
+    except AttributeError:
+        return f"the model has no submodule {prefix!r}"
+    label = prefix or type(model).__name__
+    if torch.nn.utils.parametrize.is_parametrized(module, leaf):
+        return (
+            f"layer {label!r} is parametrized (torch.nn.utils.parametrize: weight_norm, "
+            f"spectral_norm, ...): its {leaf} is computed from other tensors at every forward, "
+            "so a round cannot blend it; remove the parametrization "
+            "(torch.nn.utils.parametrize.remove_parametrizations) or give an adapter without "
+            "this layer"
+        )
+    if any(f"{leaf}{suffix}" in module._parameters for suffix in ("_g", "_v", "_orig")):
+        return (
+            f"layer {label!r} uses the old weight_norm / spectral_norm hooks: its {leaf} is "
+            "recomputed from other tensors at every forward, so a round cannot blend it; "
+            "remove them (torch.nn.utils.remove_weight_norm / remove_spectral_norm) or give an "
+            "adapter without this layer"
+        )
+    return f"the model has no tensor {name!r}"
+
+
+def validate_units(model: nn.Module, units: Sequence[Unit]) -> None:
+    """Refuse, naming the layer and the reason, units a round could not blend: lazy layers not
+    yet initialized, parametrized weights, missing tensors, and a tensor in two places (tied
+    weights would be blended twice per round)."""
+    lazy = [
+        n
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if isinstance(p, torch.nn.parameter.UninitializedParameter)
+    ]
+    if lazy:
+        raise ValueError(
+            f"{type(model).__name__} has lazy layers not initialized yet ({lazy[:3]}): run one "
+            "forward pass first, then wrap it"
+        )
+    table = tensor_table(model)
+    first: dict[int, str] = {}
+    for unit in units:
+        for name in unit.members:
+            t = table.get(name)
+            if t is None:
+                raise ValueError(f"cannot graft unit {unit.name!r}: {_why_missing(model, name)}")
+            other = first.setdefault(id(t), name)
+            if other != name:
+                raise ValueError(
+                    f"{other} and {name} are the same tensor (tied weights): a round would blend "
+                    "it twice; untie them, or give an adapter whose units list it once"
+                )
 
 
 # Submodule registrations anywhere in the process, counted so that located tensors are checked

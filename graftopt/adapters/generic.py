@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, Unit
+from .base import Adapter, Unit, qualified
 from .flow import Flow
 from .layers import CONV, NORMS, norm_channels, norm_tensors
 
@@ -68,19 +68,19 @@ def unit_for(model: nn.Module, name: str, norm: str | None) -> Unit:
     """The unit of one conv/linear layer: its weight and bias, plus its norm's tensors."""
     module = model.get_submodule(name)
     axis = 1 if getattr(module, "transposed", False) else 0
-    members, axes = [f"{name}.weight"], [axis]
+    members, axes = [qualified(name, "weight")], [axis]
     if getattr(module, "bias", None) is not None:
-        members.append(f"{name}.bias")
+        members.append(qualified(name, "bias"))
         axes.append(0)
     gamma = None
     if norm is not None:
         nmod = model.get_submodule(norm)
         for t, _ in norm_tensors(nmod):
-            members.append(f"{norm}.{t}")
+            members.append(qualified(norm, t))
             axes.append(0)
         if isinstance(getattr(nmod, "weight", None), torch.Tensor):
-            gamma = f"{norm}.weight"
-    return Unit(name, (f"{name}.weight",), tuple(members), tuple(axes), gamma)
+            gamma = qualified(norm, "weight")
+    return Unit(name, (qualified(name, "weight"),), tuple(members), tuple(axes), gamma)
 
 
 class GenericAdapter(Adapter):
