@@ -106,6 +106,9 @@ class GraftOptimizer(Optimizer):
             writes: ``"keep"`` (the paper) or ``"reset"`` (cleared, as for a fresh optimizer).
         recalibrate: a :class:`~graftopt.recalibrate.Recalibration`: after every round, the
             host's batch-norm statistics are reset and re-estimated from its batches.
+        frozen: ``"blend"`` (default, as the paper blends every layer) or ``"keep"``: units
+            whose scored weights have ``requires_grad=False`` when the wrapper is made (frozen
+            layers) are left out of the rounds, with the norm that belongs to them.
 
     Example::
 
@@ -137,6 +140,7 @@ class GraftOptimizer(Optimizer):
         start: int = 0,
         optimizer_state: str = "keep",
         recalibrate: Recalibration | None = None,
+        frozen: str = "blend",
     ) -> None:
         # super().__init__ is not called on purpose: it would register the parameters a second
         # time. The wrapper shares the inner optimizer's param_groups, state and defaults.
@@ -162,6 +166,8 @@ class GraftOptimizer(Optimizer):
             raise ValueError(
                 f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}"
             )
+        if frozen not in ("blend", "keep"):
+            raise ValueError(f"frozen must be 'blend' or 'keep', got {frozen!r}")
         if recalibrate is not None and not isinstance(recalibrate, Recalibration):
             raise TypeError(
                 "recalibrate must be a graftopt.Recalibration(data, batches), got "
@@ -188,7 +194,15 @@ class GraftOptimizer(Optimizer):
         self.adapter = adapter if adapter is not None else get_adapter(host)
         units = self.adapter.units(host)
         validate_units(host, units)
+        # Peers are checked against the whole architecture, frozen layers included.
         source.bind(host, units, self.adapter)
+        if frozen == "keep":
+            params = dict(host.named_parameters(remove_duplicate=False))
+            units = [
+                u for u in units if any(params[n].requires_grad for n in u.scored if n in params)
+            ]
+            if not units:
+                raise ValueError("frozen='keep' leaves no unit to graft: every layer is frozen")
         # A weak reference, so that dropping the wrapper frees the host for another wrapper
         # without waiting for the garbage collector to break a cycle.
         record = weakref.WeakMethod(self._record)

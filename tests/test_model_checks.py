@@ -67,3 +67,22 @@ def test_lazy_layers_work_after_one_forward() -> None:
     opt = _wrap(host, peer)
     opt.step()
     assert opt.rounds == 1 and [u.name for u in opt.units] == ["0", "1"]
+
+
+def test_frozen_layers_can_be_left_alone() -> None:
+    from .conftest import make_net
+
+    host, peer = make_net(0), make_net(1)
+    host.conv1.weight.requires_grad_(False)
+    frozen = host.conv1.weight.detach().clone()
+    trained = [p for p in host.parameters() if p.requires_grad]
+    opt = GraftOptimizer(torch.optim.SGD(trained, lr=0.0), [peer], every=1, model=host,
+                         frozen="keep")  # fmt: skip
+    assert "conv1" not in [u.name for u in opt.units]
+    opt.step()
+    assert torch.equal(host.conv1.weight, frozen)
+    assert not torch.equal(host.fc.weight, make_net(0).fc.weight)
+    opt.close()
+    blended = GraftOptimizer(torch.optim.SGD(trained, lr=0.0), [peer], every=1, model=host)
+    blended.step()  # the default blends every layer, frozen or not, as the paper does
+    assert not torch.equal(host.conv1.weight, frozen)
