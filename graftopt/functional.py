@@ -40,6 +40,7 @@ __all__ = [
     "row_entropy",
     "row_length",
     "segment_entropy",
+    "segment_l1",
 ]
 
 
@@ -204,7 +205,18 @@ def row_entropy(rows: Tensor, *, bins: int = 10) -> Tensor:
 
 def l1_score(rows: Tensor) -> Tensor:
     """Mean absolute value of each row of a 2-d tensor, in float32."""
-    return rows.float().abs().mean(dim=1)
+    return segment_l1(rows.float().reshape(-1), torch.full((rows.shape[0],), rows.shape[1]))
+
+
+def segment_l1(values: Tensor, lengths: Tensor) -> Tensor:
+    """Mean absolute value of each consecutive segment of ``values`` (``lengths`` long)."""
+    lengths = lengths.to(values.device)
+    return torch.segment_reduce(values.float().abs(), "mean", lengths=lengths)
+
+
+# Scores computed from each row of values (one row per unit, or per filter at filter level),
+# by criterion name: (flat values, row lengths) -> one score per row. Entropy has its own path.
+ROW_SCORES = {"l1": segment_l1}
 
 
 def graft_alpha(

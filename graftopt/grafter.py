@@ -267,8 +267,10 @@ class Grafter:
         slots = [r.shape[0] for r in rows]
         flat = torch.cat([r.reshape(-1) for r in rows])
         sizes = [r.shape[1] for r in rows for _ in range(r.shape[0])]
-        lengths = torch.tensor(sizes, device=flat.device)
-        return torch.segment_reduce(flat.abs(), "mean", lengths=lengths), slots, None
+        score = F.ROW_SCORES.get(criterion)
+        if score is None:
+            raise ValueError(f"no row score for criterion {criterion!r}: {sorted(F.ROW_SCORES)}")
+        return score(flat, torch.tensor(sizes)), slots, None
 
     def _entropy_plan(self, tensors: Sequence[Tensor], level: str) -> tuple:
         """How every unit's entropy is read from tensors of this layout, and its row count."""

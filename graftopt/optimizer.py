@@ -175,7 +175,6 @@ class GraftOptimizer(Optimizer):
             )
         settings = GraftSettings(A=A, c=c, bins=bins, level=level, criterion=criterion)
         self.optimizer = optimizer
-        self.every = every
         self.rate = float(rate)
         self.rate_by_lr = bool(rate_by_lr)
         self.optimizer_state = optimizer_state
@@ -292,6 +291,18 @@ class GraftOptimizer(Optimizer):
         return self._participant.completed
 
     @property
+    def every(self) -> int:
+        """Steps between rounds; fixed at construction (the round schedule depends on it)."""
+        return self._participant.every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        raise AttributeError(
+            "GraftOptimizer.every is fixed at construction (rounds are counted from it); "
+            "close() this wrapper and wrap the optimizer again with the new every"
+        )
+
+    @property
     def start(self) -> int:
         """Steps before the first round may come."""
         return self._participant.start
@@ -400,10 +411,28 @@ class GraftOptimizer(Optimizer):
                 "the current settings are kept",
                 stacklevel=2,
             )
+        steps, arrived, committed = (int(graft[k]) for k in ("steps", "arrived", "committed"))
+        due = steps // self.every if steps >= p.start else 0
+        problems = []
+        if min(steps, arrived, committed) < 0:
+            problems.append("a counter is negative")
+        if committed > arrived:
+            problems.append(f"round {committed} committed but only round {arrived} reached")
+        if arrived > due:
+            problems.append(
+                f"round {arrived} reached after {steps} steps (every={self.every}, start="
+                f"{p.start}: at most round {due})"
+            )
+        if arrived < due and arrived != committed:
+            problems.append(f"round {arrived} waits while round {due} is already due")
+        if problems:
+            raise ValueError(
+                f"the graft counters of this state dict contradict each other (steps={steps}, "
+                f"arrived={arrived}, committed={committed}): {'; '.join(problems)}; it was not "
+                "loaded"
+            )
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        p.steps = int(graft["steps"])
-        p.arrived = int(graft["arrived"])
-        p.committed = int(graft["committed"])
+        p.steps, p.arrived, p.committed = steps, arrived, committed
 
 
 def ring(

@@ -318,3 +318,41 @@ def test_a_peer_tensor_replaced_by_a_broadcastable_one_is_refused(shape: tuple) 
         opt.step()
     for k, v in host.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+# -- settings that cannot go stale --------------------------------------------------------
+
+
+def test_every_is_read_only() -> None:
+    host, peer = make_net(0), make_net(1)
+    opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.1), [peer], every=2)
+    with pytest.raises(AttributeError, match="fixed at construction"):
+        opt.every = 3
+    assert opt.every == 2 and opt.state_dict()["graft"]["every"] == 2
+
+
+@pytest.mark.parametrize(
+    ("counters", "message"),
+    [
+        ({"steps": 4, "arrived": 1, "committed": 2}, "committed but only round 1 reached"),
+        ({"steps": 3, "arrived": 3, "committed": 3}, "at most round 1"),
+        ({"steps": 6, "arrived": 1, "committed": 0}, "waits while round 3 is already due"),
+        ({"steps": -1, "arrived": 0, "committed": 0}, "negative"),
+    ],
+)
+def test_contradictory_counters_are_refused(counters: dict, message: str) -> None:
+    host, peer = make_net(0), make_net(1)
+    opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.1), [peer], every=2)
+    state = opt.state_dict()
+    state["graft"].update(counters)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state)
+    assert opt.steps == 0  # nothing loaded
+
+
+def test_l1_criterion_scores_by_mean_absolute_value() -> None:
+    host, peer = make_net(0), make_net(1)
+    record = graftopt.graft_(copy.deepcopy(host), [peer], criterion="l1")
+    w_h, w_p = host.conv1.weight.abs().mean(), peer.conv1.weight.abs().mean()
+    torch.testing.assert_close(record.host_scores[0], w_h.float())
+    torch.testing.assert_close(record.peer_scores[0, 0], w_p.float())
