@@ -65,6 +65,27 @@ def _infer_host(optimizer: Optimizer) -> nn.Module:
     )
 
 
+def _warn_ddp_over_peers(model: nn.Module | None, source: PeerSource) -> None:
+    """Warn when the host is DDP over the very ranks it grafts from: its peers are replicas."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel) or not hasattr(source, "group"):
+        return
+    import torch.distributed as dist
+
+    ddp_ranks = set(dist.get_process_group_ranks(model.process_group))
+    graft_group = source.group or dist.group.WORLD
+    if ddp_ranks & set(dist.get_process_group_ranks(graft_group)) - {dist.get_rank()}:
+        warnings.warn(
+            "the host is DistributedDataParallel over ranks it also grafts from: DDP keeps "
+            "those ranks identical, so every round blends a model with copies of itself and "
+            "grafts nothing. Give DDP only this peer's data-parallel group "
+            "(graftopt.distributed.peer_groups), or do not wrap it in DDP",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 class GraftOptimizer(Optimizer):
     r"""Wrap an optimizer so that its model grafts from its peers every ``every`` steps.
 
@@ -188,6 +209,7 @@ class GraftOptimizer(Optimizer):
             if isinstance(peers, nn.Module):
                 raise TypeError("peers must be a list of models (or a PeerSource), not one model")
             source = ModulePeers(list(peers))
+        _warn_ddp_over_peers(model, source)
         host = unwrap(model) if model is not None else _infer_host(optimizer)
         self.model = host
         self.adapter = adapter if adapter is not None else get_adapter(host)

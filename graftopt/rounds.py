@@ -14,6 +14,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .adapters import Adapter, get_adapter
@@ -134,6 +135,7 @@ class Participant:
         self.arrived = 0
         self.committed = 0
         self._order = next(_ORDER)
+        self._replica_warned = False
         # The in-place round of the group this participant leads, kept for the next rounds.
         self.in_place: list[InPlaceRound | None] = [None]
         host = grafter.host
@@ -151,6 +153,28 @@ class Participant:
                 del _REGISTRY[key]
 
         _REGISTRY[key] = weakref.ref(self, forget)
+
+    def warn_if_replicas(self, record: RoundRecord) -> None:
+        """Warn once when, in one of the first rounds, a peer scores exactly as the host in
+        every unit: a copy of it (a DDP replica, or the same start and the same data), which
+        the round blends to no effect."""
+        if self._replica_warned or record.round > self.first + 2:
+            return
+        same = [
+            j
+            for j in range(record.peer_scores.shape[0])
+            if torch.equal(record.peer_scores[j].to(record.host_scores.device), record.host_scores)
+        ]
+        if same:
+            self._replica_warned = True
+            warnings.warn(
+                f"graft round {record.round}: peers {same} of {type(self.host).__name__} score "
+                "exactly as the host in every unit, so they look like copies of it and the "
+                "round changes nothing. Peers need their own data order (and DDP only over a "
+                "peer's own replicas)",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
     def close(self) -> None:
         """Leave the registry (the host can then be wrapped again)."""
@@ -258,4 +282,5 @@ def _commit(group: Sequence[Participant], r: int) -> None:
             plan.record, round=r, step=r * p.every, skipped=p.grafter.skipped(ok)
         )
         _warn_skipped(rec, p.host, stacklevel=4)
+        p.warn_if_replicas(rec)
         p.on_round(rec)

@@ -356,3 +356,25 @@ def test_l1_criterion_scores_by_mean_absolute_value() -> None:
     w_h, w_p = host.conv1.weight.abs().mean(), peer.conv1.weight.abs().mean()
     torch.testing.assert_close(record.host_scores[0], w_h.float())
     torch.testing.assert_close(record.peer_scores[0, 0], w_p.float())
+
+
+def test_peers_that_are_copies_of_the_host_warn_once() -> None:
+    models = [make_net(0) for _ in range(3)]  # one start, and the same batches below
+    opts = graftopt.ring(
+        models, [torch.optim.SGD(m.parameters(), lr=0.01) for m in models], every=1
+    )
+    with pytest.warns(RuntimeWarning, match="look like copies of it") as caught:
+        for i in range(3):
+            for m, o in zip(models, opts, strict=True):
+                _step(m, o, i)
+    assert len([w for w in caught if "copies" in str(w.message)]) == 3  # once per host
+    different = [make_net(s) for s in range(3)]
+    opts = graftopt.ring(
+        different, [torch.optim.SGD(m.parameters(), lr=0.01) for m in different], every=1
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for m, o in zip(different, opts, strict=True):
+            _step(m, o, 0)
