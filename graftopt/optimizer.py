@@ -178,8 +178,8 @@ class GraftOptimizer(Optimizer):
             )
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
-        if history < 0:
-            raise ValueError(f"history must be >= 0, got {history}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise ValueError(f"history must be an integer >= 0, got {history!r}")
         check_rate(rate)
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise ValueError(f"start must be an integer >= 0, got {start!r}")

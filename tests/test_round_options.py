@@ -378,3 +378,10 @@ def test_peers_that_are_copies_of_the_host_warn_once() -> None:
         warnings.simplefilter("error")
         for m, o in zip(different, opts, strict=True):
             _step(m, o, 0)
+
+
+@pytest.mark.parametrize("bad", ["100", 2.5, -1, None])
+def test_history_of_the_wrong_type_is_refused(bad) -> None:
+    host, peer = make_net(0), make_net(1)
+    with pytest.raises(ValueError, match="history must be an integer >= 0"):
+        GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.1), [peer], every=1, history=bad)

@@ -396,3 +396,23 @@ def test_resume_refuses_explicit_recipe_flags_even_at_their_default(
     saved = TrainConfig(epochs=4, stop_after=1).to_dict()
     again = merge_resumed(saved, TrainConfig(resume="x"), {"resume"})
     assert again.stop_after is None and again.epochs == 4  # --stop-after applies once
+
+
+def test_bad_idx_files_give_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, labels = _images(6, 0)
+    good = gzip.compress(_idx_bytes(images))
+    (tmp_path / "a.gz").write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match="cannot be read whole"):
+        read_idx(tmp_path / "a.gz")
+    (tmp_path / "b").write_bytes(_idx_bytes(images)[:6])
+    with pytest.raises(DataError, match="shorter than its IDX header"):
+        read_idx(tmp_path / "b")
+    root = _write_idx(tmp_path / "idx")
+    bad = labels.copy()
+    bad[2] = 12
+    (root / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.resize(bad, 24)))
+    code, _, err = _run(["train", "--data-dir", str(root), "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and "holds label 12, outside 0..9" in err, err
+    assert len(err.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,14 +68,23 @@ def missing_message(name: str, searched: Sequence[Path]) -> str:
     )
 
 
+# Fashion-MNIST and MNIST both have ten classes.
+IDX_CLASSES = 10
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read one IDX file (the MNIST format), gzipped when its name ends in ``.gz``."""
     opener: Callable[..., Any] = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path} cannot be read whole (truncated or corrupt?): {e}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is shorter than its IDX header ({ndim} dimensions)")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     body = data[4 + 4 * ndim :]
@@ -124,7 +134,14 @@ def _find_idx(name: str, data_dir: str | None, split: str) -> tuple[Path, Path]:
 
 def _idx_dataset(name: str, data_dir: str | None, split: str) -> IdxDataset:
     images, labels = _find_idx(name, data_dir, split)
-    return IdxDataset(read_idx(images), read_idx(labels))
+    ys = read_idx(labels)
+    bad = ys[(ys < 0) | (ys >= IDX_CLASSES)] if ys.size else ys
+    if bad.size:
+        raise DataError(
+            f"{labels} holds label {int(bad[0])}, outside 0..{IDX_CLASSES - 1} "
+            f"({bad.size} such labels)"
+        )
+    return IdxDataset(read_idx(images), ys)
 
 
 @dataclass
@@ -228,7 +245,7 @@ def build_data(cfg: TrainConfig, pretrained_cfg: dict[str, Any]) -> DataSpec:
             _idx_dataset(key, cfg.data_dir, "train"),
             _idx_dataset(key, cfg.data_dir, "val"),
         )
-        classes, chans, size = 10, 1, int(train.images.shape[1])
+        classes, chans, size = IDX_CLASSES, 1, int(train.images.shape[1])
         mean, std = STATS[key]
     elif name == "":
         chans = cfg.in_chans or 3
