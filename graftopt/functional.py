@@ -106,6 +106,14 @@ def segment_entropy(values: Tensor, lengths: Sequence[int], *, bins: int = 10) -
     return _segment_entropy_torch(x, lengths, bins)
 
 
+def _bound(tensors: Sequence[Tensor], fresh: set[int] | frozenset[int] = frozenset()) -> tuple:
+    """Memory (except at ``fresh`` positions), shape, strides and dtype of each tensor."""
+    return tuple(
+        (None if i in fresh else t.data_ptr(), t.shape, t.stride(), t.dtype)
+        for i, t in enumerate(tensors)
+    )
+
+
 class EntropyPlan:
     """:func:`entropies` for tensors of one layout: what depends only on the layout, done once.
 
@@ -146,6 +154,10 @@ class EntropyPlan:
             ]
             self.repoint = sorted(set(self.convert) | set(fresh))
         self.histogram = None
+        self.fresh = set(fresh)
+        # What the kernel arrays point at, once built: a call with other tensors is refused
+        # (it would read the old ones' memory, perhaps freed by then).
+        self._bound: tuple | None = None
         # The kernel reads float64 as float32: huge finite values would look like Inf.
         self.flags_exact = all(t.dtype != torch.float64 for t in tensors)
 
@@ -162,9 +174,16 @@ class EntropyPlan:
             srcs = list(tensors)
             for i in self.convert:
                 srcs[i] = srcs[i].float().contiguous()
+            bound = _bound(tensors, self.fresh)
             if self.histogram is None:
                 self.histogram = self.ck.Histogram(srcs, self.rows)
+                self._bound = bound
             else:
+                if bound != self._bound:
+                    raise ValueError(
+                        "this EntropyPlan was built for other tensors (their memory, shapes or "
+                        "dtypes differ): build a plan for these"
+                    )
                 for i in self.repoint:
                     self.histogram.point(i, srcs[i])
             counts, finite = self.histogram.run(self.bins)
@@ -349,6 +368,7 @@ class MixPlan:
         self.generic_at = torch.tensor(generic, dtype=torch.long)
         covered = set(fast) | set(generic)
         self.rest = [i for i in range(T) if i not in covered]
+        self._bound: tuple | None = None  # the tensors of the first run (see run)
         self.rest_at = torch.tensor(self.rest, dtype=torch.long)
 
     def release(self) -> None:
@@ -389,6 +409,14 @@ class MixPlan:
         T = self.count
         m = len(peers)
         columns, axes = self.columns, self.axes
+        bound = (_bound(hosts), *(_bound(p) for p in peers))
+        if self._bound is None:
+            self._bound = bound
+        elif bound != self._bound:
+            raise ValueError(
+                "this MixPlan was built for other tensors (their memory, shapes or dtypes "
+                "differ): build a plan for these"
+            )
         out = [None] * T if out is None else list(out)
         alphas = alphas.float()
         device = hosts[0].device if T else torch.device("cpu")

@@ -102,3 +102,20 @@ def test_mix_keeps_dtype_and_memory_format():
     assert out.dtype == torch.bfloat16
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.float(), (0.4 * h.float() + 0.6 * p).bfloat16().float())
+
+
+def test_plans_refuse_tensors_they_were_not_built_for() -> None:
+    g = torch.Generator().manual_seed(0)
+    h1, p1 = [torch.randn(4, 3, generator=g)], [[torch.randn(4, 3, generator=g)]]
+    h2, p2 = [torch.randn(4, 3, generator=g)], [[torch.randn(4, 3, generator=g)]]
+    alphas = torch.full((1, 1), 0.6)
+    plan = F.MixPlan(h1, p1, [0], [None])
+    first, _ = F.mix_many(h1, p1, alphas, [0], [None], plan=plan)
+    torch.testing.assert_close(first[0], 0.6 * h1[0] + 0.4 * p1[0][0])
+    with pytest.raises(ValueError, match="MixPlan was built for other tensors"):
+        F.mix_many(h2, p2, alphas, [0], [None], plan=plan)
+    entropy_plan = F.EntropyPlan(h1)
+    entropy_plan(h1)
+    if entropy_plan.ck is not None:  # the torch path keeps no pointers
+        with pytest.raises(ValueError, match="EntropyPlan was built for other tensors"):
+            entropy_plan(h2)
