@@ -204,7 +204,7 @@ def test_idx_files_end_to_end(tmp_path: Path) -> None:
     )
     assert "| grafted mean ± std |" in proc.stdout
     rows = read_csv(out / "metrics.csv")
-    assert len(rows) == 6 and rows[0]["graft_rounds"] == 2
+    assert len(rows) == 8 and rows[0]["graft_rounds"] == 2  # 4 networks, 2 ensembles, 2 soups
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(

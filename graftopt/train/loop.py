@@ -412,11 +412,12 @@ def evaluate(
     return {name: tuple((100.0 * c / seen).tolist()) for name, c in correct.items()}  # type: ignore[misc]
 
 
-def soup(models: Sequence[nn.Module]) -> nn.Module:
+def soup(models: Sequence[nn.Module], states: Sequence[dict] | None = None) -> nn.Module:
     """A copy of ``models[0]`` holding the plain mean of the models' floating-point tensors
-    (integer buffers, such as batch counts, are the first model's)."""
+    (integer buffers, such as batch counts, are the first model's); ``states``: the state
+    dicts to average instead of the models' own."""
     out = copy.deepcopy(models[0])
-    states = [m.state_dict() for m in models]
+    states = [m.state_dict() for m in models] if states is None else list(states)
     mean = {
         k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
         if v.is_floating_point()
@@ -428,16 +429,34 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
 
 
 def evaluate_soups(
-    nets: Sequence[Net], loader: Any, cfg: TrainConfig, device: torch.device, spec: DataSpec
+    nets: Sequence[Net],
+    loader: Any,
+    cfg: TrainConfig,
+    device: torch.device,
+    spec: DataSpec,
+    ctx: DistributedContext | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Top-1 and top-5 (%) of the soup of each kind of two or more networks, its norm
-    statistics re-estimated from ``--soup-recalibrate`` training batches (0: kept as mixed)."""
+    statistics re-estimated from ``--soup-recalibrate`` training batches (0: kept as mixed).
+
+    Under torchrun every rank gathers every lane's weights (in lane order, on the CPU) and
+    computes the same soups as one process does.
+    """
     kinds = {k: [n for n in nets if n.kind == k] for k in ("grafted", "peer", "baseline")}
+    states: dict[str, list[dict]] = {
+        k: [{n: t.cpu() for n, t in m.model.state_dict().items()} for m in members]
+        for k, members in kinds.items()
+    }
+    if ctx is not None:
+        gathered = ranks.all_gather(ctx, states)
+        states = {k: [sd for part in gathered for sd in part[k]] for k in states}
     soups = {}
     for kind, members in kinds.items():
-        if len(members) < 2:
+        if len(states[kind]) < 2 or not members:
             continue
-        model = soup([n.model for n in members])
+        model = soup(
+            [members[0].model], [{n: t.to(device) for n, t in sd.items()} for sd in states[kind]]
+        )
         if cfg.soup_recalibrate:
             recalibrate_norms(model, norm_batches(spec, cfg, cfg.soup_recalibrate, 6))
         soups[f"soup_{kind}"] = Net(f"soup_{kind}", -1, False, model, members[0].optimizer, 0.0)
@@ -653,9 +672,9 @@ def train(
             ]
             losses = train_epoch(nets, loaders, epoch, steps, cfg, device, progress)
             acc = evaluate(nets, val, cfg, device, ctx)
-            if epoch + 1 == cfg.epochs and ctx is None:
+            if epoch + 1 == cfg.epochs:
                 # The one model to ship: each kind's soup, after the last round.
-                acc.update(evaluate_soups(nets, val, cfg, device, spec))
+                acc.update(evaluate_soups(nets, val, cfg, device, spec, ctx))
             epoch_rows = _net_rows(nets, epoch, losses, acc)
             epoch_alphas = list(new_alphas)
             new_alphas.clear()
@@ -695,8 +714,9 @@ def _merge_ranks(
     Networks by lane (rank), then the ensembles (the same on every rank); alpha rows by round,
     then lane, as the rounds of one process complete.
     """
-    nets = [r for r in rows if r["kind"] != "ensemble"]
-    ensembles = [r for r in rows if r["kind"] == "ensemble"]
+    # Ensembles and soups are the same on every rank.
+    nets = [r for r in rows if r["kind"] not in ("ensemble", "soup")]
+    ensembles = [r for r in rows if r["kind"] in ("ensemble", "soup")]
     gathered = ranks.all_gather(ctx, (nets, alphas))
     merged = [r for rank_nets, _ in gathered for r in rank_nets]
     keyed = [
