@@ -91,7 +91,9 @@ def recipe(args: argparse.Namespace, config: str, k: int, seed: int) -> TrainCon
         progress="plain",
         log_interval=10**9,  # one line per epoch is enough in a long log
     )
-    for key, value in CONFIGS[config].items():
+    # Every configuration is a change from the paper's rounds, whatever graftopt train's
+    # defaults are.
+    for key, value in {**PRESETS["paper"], **CONFIGS[config]}.items():
         setattr(cfg, key, value)
     if config == "start-1-epoch":
         cfg.graft_start = (args.train_subset or 60000) // cfg.batch_size

@@ -119,8 +119,8 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
         "--graft-preset",
         choices=sorted(PRESETS),
         default=None,
-        help="a named round recipe (paper: the authors' rounds; papa: population averaging); "
-        "flags given explicitly override it",
+        help="a named round recipe (gentle: the defaults; paper: the authors' rounds; papa: "
+        "population averaging); flags given explicitly override it",
     )
     g.add_argument(
         "--no-graft",
@@ -160,7 +160,8 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
     )
     g.add_argument(
         "--same-init",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=_D.same_init,
         help="every peer (and baseline) starts from lane 0's initial weights",
     )
     g.add_argument(

@@ -61,12 +61,14 @@ class TrainConfig:
     graft_level: str = "layer"
     graft_criterion: str = "entropy"
     graft: bool = True  # False: the K peers train without rounds (with distillation, DML alone)
-    graft_rate: float = 1.0
+    # Defaults from docs/accuracy.md: one start for all, half-way rounds, statistics re-estimated
+    # (the paper's rounds: --graft-preset paper).
+    graft_rate: float = 0.5
     graft_rate_lr: bool = False
     graft_start: int = 0
-    graft_recalibrate: int = 0
+    graft_recalibrate: int = 5
     graft_optimizer_state: str = "keep"
-    same_init: bool = False
+    same_init: bool = True
     distill_weight: float = 0.0
     distill_T: float = 1.0
     soup_recalibrate: int = 20
@@ -178,6 +180,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "graft_recalibrate": 0,
         "graft_optimizer_state": "keep",
         "same_init": False,
+        "distill_weight": 0.0,
+    },
+    # graftopt train's defaults: one start, half-way rounds, norm statistics re-estimated.
+    "gentle": {
+        "graft_rate": 0.5,
+        "graft_rate_lr": False,
+        "graft_start": 0,
+        "graft_recalibrate": 5,
+        "graft_optimizer_state": "keep",
+        "same_init": True,
         "distill_weight": 0.0,
     },
     # Population averaging (PAPA) as a graft configuration: equal weights (A = 0), a round
