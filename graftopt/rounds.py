@@ -158,8 +158,8 @@ class Participant:
         """Warn once when, in one of the first rounds, a peer scores exactly as the host in
         every unit: a copy of it (a DDP replica, or the same start and the same data), which
         the round blends to no effect."""
-        if self._replica_warned or record.round > self.first + 2:
-            return
+        if self._replica_warned or record.round > self.first + 2 or record.skipped:
+            return  # (a unit with NaN or Inf has its own warning)
         same = [
             j
             for j in range(record.peer_scores.shape[0])
@@ -248,6 +248,8 @@ class Participant:
             try:
                 _commit(group, r)
             except BaseException as e:
+                if self.committed >= r:
+                    raise  # written: a warning or callback raised afterwards
                 # Nothing was written (every check reads before the first write): the round
                 # did not happen, and the next round runs as usual.
                 for p in group:
