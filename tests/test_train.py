@@ -416,3 +416,14 @@ def test_bad_idx_files_give_one_line_errors(
     code, _, err = _run(["train", "--data-dir", str(root), "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and "holds label 12, outside 0..9" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_output_is_refused_before_training(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    data = ["--dataset", "folder", "--data-dir", str(folder), "--in-chans", "1", "--epochs", "1"]
+    code, _, err = _run(["train", *data, *TINY, "--output", str(blocker / "run")], capsys)
+    assert code == 2 and "cannot write to the output folder" in err, err
+    assert len(err.strip().splitlines()) == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -599,6 +600,7 @@ def train(
             )
         if resume_state is not None and ctx is not None:
             _check_rank_state(resume_state, ctx)
+        _check_writable(out)
         device = resolve_device(cfg.device, ctx)
         pretrained = timm.models.get_pretrained_cfg(cfg.model)
         return device, build_data(cfg, pretrained.to_dict() if pretrained is not None else {})
@@ -700,6 +702,17 @@ def train(
         atomic_write_text(out / "summary.md", table)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return RunResult(out, done, complete, summary, table)
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse, before any training, an output folder that cannot take a file."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
 
 
 def _holds_run(out: Path) -> bool:
