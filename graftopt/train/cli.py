@@ -128,29 +128,20 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
         action="store_false",
         help="train the K peers without rounds (with --distill-weight: mutual distillation alone)",
     )
-    g.add_argument(
-        "--graft-rate",
-        type=float,
-        default=_D.graft_rate,
-        help="each round moves a network this fraction of the way to its blend (1: the paper)",
-    )
+    numbers = (
+        ("--graft-rate", float, "each round moves a network this fraction of the way to its "
+         "blend (1: the paper)"),
+        ("--graft-start", int, "optimizer steps before the first round"),
+        ("--graft-recalibrate", int, "after each round, re-estimate the norm statistics from "
+         "this many training batches (0: off)"),
+    )  # fmt: skip
+    for flag, kind, text in numbers:
+        dest = flag[2:].replace("-", "_")
+        g.add_argument(flag, type=kind, default=getattr(_D, dest), help=text)
     g.add_argument(
         "--graft-rate-lr",
         action="store_true",
         help="scale --graft-rate by the learning rate over its initial value",
-    )
-    g.add_argument(
-        "--graft-start",
-        type=int,
-        default=_D.graft_start,
-        help="optimizer steps before the first round",
-    )
-    g.add_argument(
-        "--graft-recalibrate",
-        type=int,
-        default=_D.graft_recalibrate,
-        metavar="N",
-        help="after each round, re-estimate the norm statistics from N training batches (0: off)",
     )
     g.add_argument(
         "--graft-optimizer-state",
