@@ -155,35 +155,36 @@ class EntropyPlan:
             self.repoint = sorted(set(self.convert) | set(fresh))
         self.histogram = None
         self.fresh = set(fresh)
-        # What the kernel arrays point at, once built: a call with other tensors is refused
-        # (it would read the old ones' memory, perhaps freed by then).
+        # What the kernel arrays point at, once built: __call__ refuses other tensors (the
+        # kernel would read the old ones' memory, perhaps freed by then).
         self._bound: tuple | None = None
         # The kernel reads float64 as float32: huge finite values would look like Inf.
         self.flags_exact = all(t.dtype != torch.float64 for t in tensors)
 
     def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
-        """The entropies of ``tensors``, as :func:`entropies` gives them."""
+        """The entropies of ``tensors``, as :func:`entropies` gives them; tensors other than
+        those of the first call (at positions not in ``fresh``) raise ``ValueError``."""
+        if self._bound is not None and _bound(tensors, self.fresh) != self._bound:
+            raise ValueError(
+                "this EntropyPlan was built for other tensors (their memory, shapes or dtypes "
+                "differ): build a plan for these"
+            )
         return self.run(tensors)[0]
 
     def run(self, tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
         """The entropies, and per row whether it is free of NaN and Inf (``None`` where the
-        path in use does not tell)."""
+        path in use does not tell). Unchecked: for callers that key their plans by the
+        tensors' layout themselves (the grafter); others call the plan."""
         if not tensors:
             return torch.zeros(0), None
         if self.ck is not None:
             srcs = list(tensors)
             for i in self.convert:
                 srcs[i] = srcs[i].float().contiguous()
-            bound = _bound(tensors, self.fresh)
             if self.histogram is None:
                 self.histogram = self.ck.Histogram(srcs, self.rows)
-                self._bound = bound
+                self._bound = _bound(tensors, self.fresh)
             else:
-                if bound != self._bound:
-                    raise ValueError(
-                        "this EntropyPlan was built for other tensors (their memory, shapes or "
-                        "dtypes differ): build a plan for these"
-                    )
                 for i in self.repoint:
                     self.histogram.point(i, srcs[i])
             counts, finite = self.histogram.run(self.bins)
@@ -224,7 +225,7 @@ def row_entropy(rows: Tensor, *, bins: int = 10) -> Tensor:
 
 def l1_score(rows: Tensor) -> Tensor:
     """Mean absolute value of each row of a 2-d tensor, in float32."""
-    return segment_l1(rows.float().reshape(-1), torch.full((rows.shape[0],), rows.shape[1]))
+    return rows.float().abs().mean(dim=1)
 
 
 def segment_l1(values: Tensor, lengths: Tensor) -> Tensor:
@@ -368,8 +369,21 @@ class MixPlan:
         self.generic_at = torch.tensor(generic, dtype=torch.long)
         covered = set(fast) | set(generic)
         self.rest = [i for i in range(T) if i not in covered]
-        self._bound: tuple | None = None  # the tensors of the first run (see run)
+        self._bound: tuple | None = None  # the tensors of the first run (see check)
         self.rest_at = torch.tensor(self.rest, dtype=torch.long)
+
+    @staticmethod
+    def _bound_of(hosts: Sequence[Tensor], peers: Sequence[Sequence[Tensor]]) -> tuple:
+        return (_bound(hosts), *(_bound(p) for p in peers))
+
+    def check(self, hosts: Sequence[Tensor], peers: Sequence[Sequence[Tensor]]) -> None:
+        """Raise ``ValueError`` for tensors other than those of the first run: the kernel
+        arrays point at those (the grafter, which keys plans by layout, skips this)."""
+        if self._bound is not None and self._bound_of(hosts, peers) != self._bound:
+            raise ValueError(
+                "this MixPlan was built for other tensors (their memory, shapes or dtypes "
+                "differ): build a plan for these"
+            )
 
     def release(self) -> None:
         """Let go of the destinations kept from the last run (their memory can be freed)."""
@@ -409,14 +423,8 @@ class MixPlan:
         T = self.count
         m = len(peers)
         columns, axes = self.columns, self.axes
-        bound = (_bound(hosts), *(_bound(p) for p in peers))
         if self._bound is None:
-            self._bound = bound
-        elif bound != self._bound:
-            raise ValueError(
-                "this MixPlan was built for other tensors (their memory, shapes or dtypes "
-                "differ): build a plan for these"
-            )
+            self._bound = self._bound_of(hosts, peers)
         out = [None] * T if out is None else list(out)
         alphas = alphas.float()
         device = hosts[0].device if T else torch.device("cpu")
@@ -507,4 +515,6 @@ def mix_many(
         raise ValueError("mix_many() needs at least one peer")
     if plan is None:
         plan = MixPlan(hosts, peers, columns, axes)
+    else:
+        plan.check(hosts, peers)
     return plan.run(hosts, peers, alphas, out)

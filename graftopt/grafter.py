@@ -65,7 +65,7 @@ def check_rate(rate: float) -> float:
     return float(rate)
 
 
-def gentle(table: Tensor, rate: float) -> Tensor:
+def toward_blend(table: Tensor, rate: float) -> Tensor:
     """Alphas that move the host ``rate`` of the way from its weights to the blend.
 
     The blend is linear in the alphas: ``W + r (blend(alpha) - W) = blend(1 - r (1 - alpha))``,
@@ -459,7 +459,7 @@ class Grafter:
             lengths = lengths.to(alphas.device)
             means = torch.segment_reduce(alphas.t().contiguous(), "mean", lengths=lengths).t()
             table = torch.cat([alphas, means], dim=1)
-        table = gentle(table, self.rate)
+        table = toward_blend(table, self.rate)
         mix_key = (host_key, *layouts[1:])
         if self._mix is None or self._mix[0] != mix_key:
             self._check_shapes(layouts)  # tensors replaced since the last round
@@ -488,9 +488,8 @@ class Grafter:
         host, peers, mixer = plan.host, plan.peers, plan.mixer
         host_key = plan.key[0]
         out = self._kept(host, host_key)
-        values, finite = F.mix_many(
-            host, peers, plan.table, mixer.columns, mixer.axes, out=out, plan=mixer
-        )
+        # The plan's key already pins these tensors: no second check (see MixPlan.check).
+        values, finite = mixer.run(host, peers, plan.table, out)
         # Kept only on CPU, where fresh buffers cost page faults; CUDA's caching allocator
         # already reuses memory, and keeping them there would hold a weight copy between rounds.
         on_cpu = bool(values) and values[0].device.type == "cpu"

@@ -56,7 +56,10 @@ def recalibrate_norms(model: nn.Module, batches: Iterable[Any], limit: int | Non
         return 0
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
-    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    saved = [
+        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in norms
+    ]
     device = _device(model)
     used = 0
     try:
@@ -72,9 +75,10 @@ def recalibrate_norms(model: nn.Module, batches: Iterable[Any], limit: int | Non
         if used == 0:
             raise ValueError("recalibrate_norms() got no batches")
     except BaseException:
-        for m, (mean, var) in zip(norms, saved, strict=True):
+        for m, (mean, var, tracked) in zip(norms, saved, strict=True):
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(tracked)
         raise
     finally:
         for m, momentum in momenta:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from graftopt.optimizer import OPTIMIZER_STATES
+
 from .config import PRESETS, TrainConfig, merge_resumed
 
 if TYPE_CHECKING:
@@ -145,7 +147,7 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
     )
     g.add_argument(
         "--graft-optimizer-state",
-        choices=("keep", "reset"),
+        choices=OPTIMIZER_STATES,
         default=_D.graft_optimizer_state,
         help="the optimizer state (momentum) of grafted tensors after a round",
     )

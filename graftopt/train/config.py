@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from graftopt.optimizer import OPTIMIZER_STATES
+
 __all__ = ["PRESETS", "RESUME_OVERRIDES", "TrainConfig", "diverse_lr", "merge_resumed"]
 
 # Settings a resumed run may change without changing its numbers.
@@ -139,9 +141,10 @@ class TrainConfig:
                 "--graft-recalibrate and --soup-recalibrate take a batch count >= 0, got "
                 f"{self.graft_recalibrate} and {self.soup_recalibrate}"
             )
-        if self.graft_optimizer_state not in ("keep", "reset"):
+        if self.graft_optimizer_state not in OPTIMIZER_STATES:
             raise ValueError(
-                f"--graft-optimizer-state must be keep or reset, got {self.graft_optimizer_state!r}"
+                f"--graft-optimizer-state must be one of {OPTIMIZER_STATES}, got "
+                f"{self.graft_optimizer_state!r}"
             )
         if not (math.isfinite(self.distill_weight) and self.distill_weight >= 0):
             raise ValueError(f"--distill-weight must be >= 0, got {self.distill_weight}")
@@ -171,39 +174,31 @@ class TrainConfig:
 
 
 # Named round recipes of `graftopt train --graft-preset`; flags given explicitly still win.
+# The settings a preset fixes, every one of them, so that presets never mix.
+_ROUND_FIELDS = (
+    "graft_rate",
+    "graft_rate_lr",
+    "graft_start",
+    "graft_recalibrate",
+    "graft_optimizer_state",
+    "same_init",
+    "distill_weight",
+)
+# graftopt train's defaults: one start, half-way rounds, norm statistics re-estimated.
+_GENTLE = {name: getattr(TrainConfig(), name) for name in _ROUND_FIELDS}
+# The authors' round: one full blend per epoch from independent starts, momentum kept.
+_PAPER = {**_GENTLE, "graft_rate": 1.0, "graft_recalibrate": 0, "same_init": False}
 PRESETS: dict[str, dict[str, Any]] = {
-    # The authors' round: one full blend per epoch from independent starts, momentum kept.
-    "paper": {
-        "graft_rate": 1.0,
-        "graft_rate_lr": False,
-        "graft_start": 0,
-        "graft_recalibrate": 0,
-        "graft_optimizer_state": "keep",
-        "same_init": False,
-        "distill_weight": 0.0,
-    },
-    # graftopt train's defaults: one start, half-way rounds, norm statistics re-estimated.
-    "gentle": {
-        "graft_rate": 0.5,
-        "graft_rate_lr": False,
-        "graft_start": 0,
-        "graft_recalibrate": 5,
-        "graft_optimizer_state": "keep",
-        "same_init": True,
-        "distill_weight": 0.0,
-    },
+    "paper": _PAPER,
+    "gentle": _GENTLE,
     # Population averaging (PAPA) as a graft configuration: equal weights (A = 0), a round
     # every 10 steps moving 1 % of the way, scaled with the learning rate.
     "papa": {
+        **_PAPER,
         "graft_A": 0.0,
         "graft_every": 10,
         "graft_rate": 0.01,
         "graft_rate_lr": True,
-        "graft_start": 0,
-        "graft_recalibrate": 0,
-        "graft_optimizer_state": "keep",
-        "same_init": False,
-        "distill_weight": 0.0,
     },
 }
 

@@ -203,9 +203,9 @@ def attach_grafting(
     }
     grafted = [n for n in nets if n.grafted]
 
-    def recalibration(net: Net) -> dict[str, Any]:
+    def recalibration(net: Net) -> graftopt.Recalibration | None:
         if not cfg.graft_recalibrate:
-            return {}
+            return None
         if spec is None:
             raise ValueError("--graft-recalibrate needs the data: pass spec to attach_grafting")
         count = cfg.graft_recalibrate
@@ -213,7 +213,7 @@ def attach_grafting(
         def data(r: int) -> list[torch.Tensor]:
             return norm_batches(spec, cfg, count, 5, net.lane, r)
 
-        return {"recalibrate": graftopt.Recalibration(data, count)}
+        return graftopt.Recalibration(data, count)
 
     if ctx is not None:
         for net in grafted:
@@ -223,7 +223,7 @@ def attach_grafting(
                 every=every,
                 model=net.model,
                 **settings,
-                **recalibration(net),
+                recalibrate=recalibration(net),
             )
         return
     opts = graftopt.ring(
@@ -231,9 +231,7 @@ def attach_grafting(
     )
     for net, opt in zip(grafted, opts, strict=True):
         net.optimizer = opt
-        recal = recalibration(net)
-        if recal:
-            opt.recalibrate = recal["recalibrate"]
+        opt.recalibrate = recalibration(net)
 
 
 def attach_schedulers(nets: Sequence[Net], cfg: TrainConfig, steps: int) -> None:
