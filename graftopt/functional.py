@@ -378,7 +378,7 @@ class MixPlan:
 
     def check(self, hosts: Sequence[Tensor], peers: Sequence[Sequence[Tensor]]) -> None:
         """Raise ``ValueError`` for tensors other than those of the first run: the kernel
-        arrays point at those (the grafter, which keys plans by layout, skips this)."""
+        arrays point at those."""
         if self._bound is not None and self._bound_of(hosts, peers) != self._bound:
             raise ValueError(
                 "this MixPlan was built for other tensors (their memory, shapes or dtypes "

@@ -488,8 +488,9 @@ class Grafter:
         host, peers, mixer = plan.host, plan.peers, plan.mixer
         host_key = plan.key[0]
         out = self._kept(host, host_key)
-        # The plan's key already pins these tensors: no second check (see MixPlan.check).
-        values, finite = mixer.run(host, peers, plan.table, out)
+        values, finite = F.mix_many(
+            host, peers, plan.table, mixer.columns, mixer.axes, out=out, plan=mixer
+        )
         # Kept only on CPU, where fresh buffers cost page faults; CUDA's caching allocator
         # already reuses memory, and keeping them there would hold a weight copy between rounds.
         on_cpu = bool(values) and values[0].device.type == "cpu"
