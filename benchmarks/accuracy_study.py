@@ -44,7 +44,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "reset-momentum": {"graft_optimizer_state": "reset"},
     "gentle": GENTLE,  # same init + half-way rounds + recalibration
     "papa": dict(PRESETS["papa"]),  # population averaging as a graft configuration
-    "dml": {"graft": False, **DML},  # mutual distillation alone
+    # Local averaging: one start, the plain mean every 10 steps (PAPA's period, the whole way).
+    "avg-10": {"same_init": True, "graft_A": 0.0, "graft_every": 10},
+    "dml": {"graft": False, **DML},  # mutual distillation alone (weight ramped over epoch 1)
     "cultivation": {**GENTLE, **DML},  # gentle rounds + mutual distillation
 }
 
@@ -55,14 +57,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="cifar_resnet20")
     p.add_argument("--peers", nargs="+", type=int, default=[2, 4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--train-subset", type=int, default=4000, help="0: all 60000 images")
-    p.add_argument("--val-subset", type=int, default=2000, help="0: all 10000 images")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--train-subset", type=int, default=6000, help="0: all 60000 images")
+    p.add_argument("--val-subset", type=int, default=5000, help="0: all 10000 images")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--output", default="output/accuracy_study")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="folder of the runs (default: output/accuracy_study/n<train>-v<val>-e<epochs>)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--table-only", action="store_true", help="print the table of finished runs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.output is None:
+        recipe_name = f"n{args.train_subset}-v{args.val_subset}-e{args.epochs}"
+        args.output = str(Path("output/accuracy_study") / recipe_name)
+    return args
 
 
 def recipe(args: argparse.Namespace, config: str, k: int, seed: int) -> TrainConfig:
@@ -203,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         start = time.perf_counter()
+        # Seed by seed, so that a study stopped early still holds paired runs.
         for k in args.peers:
-            for config in args.configs:
-                for seed in args.seeds:
+            for seed in args.seeds:
+                for config in args.configs:
                     print(f"--- {config} K={k} seed={seed}", flush=True)
                     run_one(recipe(args, config, k, seed))
         print(f"(study time {(time.perf_counter() - start) / 60:.0f} min)")

@@ -11,7 +11,7 @@ import torch
 from graftopt.train.cli import build_parser, config_from_args, main
 from graftopt.train.config import PRESETS, TrainConfig
 from graftopt.train.data import build_data
-from graftopt.train.loop import build_nets, distill_loss, peer_logits, soup
+from graftopt.train.loop import build_nets, distill_loss, distill_weight, peer_logits, soup
 from graftopt.train.summary import read_csv
 
 from .conftest import make_net
@@ -35,6 +35,15 @@ def test_distill_loss_matches_a_straightforward_kl() -> None:
     expected = T * T * expected / len(peers)
     assert float(distill_loss(z, peers, T)) == pytest.approx(expected, rel=1e-5)
     assert float(distill_loss(z, [z.clone()], 1.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distill_weight_ramps_over_the_warmup() -> None:
+    cfg = TrainConfig(distill_weight=2.0, distill_warmup=1.5)  # 10 steps per epoch: 15 updates
+    assert [distill_weight(cfg, u, 10) for u in (1, 6, 15, 16, 40)] == pytest.approx(
+        [2 / 15, 0.8, 2.0, 2.0, 2.0]
+    )
+    cfg.distill_warmup = 0.0
+    assert distill_weight(cfg, 1, 10) == 2.0
 
 
 def test_peer_logits_leave_norm_statistics_alone() -> None:
@@ -102,6 +111,7 @@ def test_presets_set_defaults_and_flags_win() -> None:
         (["--distill-weight", "-1"], "--distill-weight must be >= 0"),
         (["--distill-weight", "nan"], "--distill-weight must be >= 0"),
         (["--distill-T", "0"], "--distill-T must be > 0"),
+        (["--distill-warmup", "-1"], "--distill-warmup must be >= 0 epochs"),
     ],
 )
 def test_bad_payoff_values_give_clear_errors(

@@ -166,6 +166,13 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
     )
     g.add_argument("--distill-T", type=float, default=_D.distill_T, help="distillation temperature")
     g.add_argument(
+        "--distill-warmup",
+        type=float,
+        default=_D.distill_warmup,
+        metavar="EPOCHS",
+        help="epochs over which the distillation weight ramps linearly up from 0",
+    )
+    g.add_argument(
         "--soup-recalibrate",
         type=int,
         default=_D.soup_recalibrate,

@@ -73,6 +73,9 @@ class TrainConfig:
     same_init: bool = True
     distill_weight: float = 0.0
     distill_T: float = 1.0
+    # Epochs over which the distillation weight ramps up from 0: at full weight from the first
+    # step both peers settle on one confident wrong answer (docs/accuracy.md).
+    distill_warmup: float = 1.0
     soup_recalibrate: int = 20
     diverse_lr: bool = False
     same_data_order: bool = False
@@ -150,6 +153,8 @@ class TrainConfig:
             raise ValueError(f"--distill-weight must be >= 0, got {self.distill_weight}")
         if not (math.isfinite(self.distill_T) and self.distill_T > 0):
             raise ValueError(f"--distill-T must be > 0, got {self.distill_T}")
+        if not (math.isfinite(self.distill_warmup) and self.distill_warmup >= 0):
+            raise ValueError(f"--distill-warmup must be >= 0 epochs, got {self.distill_warmup}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) not in (1, self.in_chans or len(value)):
@@ -183,6 +188,7 @@ _ROUND_FIELDS = (
     "graft_optimizer_state",
     "same_init",
     "distill_weight",
+    "distill_warmup",
 )
 # graftopt train's defaults: one start, half-way rounds, norm statistics re-estimated.
 _GENTLE = {name: getattr(TrainConfig(), name) for name in _ROUND_FIELDS}

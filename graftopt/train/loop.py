@@ -336,9 +336,8 @@ def train_epoch(
                         loss = F.cross_entropy(logits, y)
                         if id(net) in learns:
                             teachers = peer_logits([s for s in students if s is not net], x)
-                            loss = loss + cfg.distill_weight * distill_loss(
-                                logits, teachers, cfg.distill_T
-                            )
+                            weight = distill_weight(cfg, updates, steps)
+                            loss = loss + weight * distill_loss(logits, teachers, cfg.distill_T)
                     loss.backward()
                     net.optimizer.step()
                     if net.scheduler is not None:
@@ -346,6 +345,13 @@ def train_epoch(
                     totals[net.name] += loss.detach().float()
         progress.batch(i, loss.detach())
     return {name: float(t) / steps for name, t in totals.items()}
+
+
+def distill_weight(cfg: TrainConfig, updates: int, steps: int) -> float:
+    """The distillation weight at optimizer update ``updates`` (from 1) of epochs of ``steps``:
+    ramped linearly over ``cfg.distill_warmup`` epochs."""
+    ramp = cfg.distill_warmup * steps
+    return cfg.distill_weight * (1.0 if ramp <= 0 else min(1.0, updates / ramp))
 
 
 def distill_loss(logits: torch.Tensor, teachers: Sequence[torch.Tensor], T: float) -> torch.Tensor:
