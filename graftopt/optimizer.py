@@ -9,6 +9,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -304,7 +305,7 @@ class GraftOptimizer(Optimizer):
 
     @property
     def steps(self) -> int:
-        """Inner optimizer steps taken through this wrapper."""
+        """Calls of :meth:`step` (one a GradScaler skips included)."""
         return self._participant.steps
 
     @property
@@ -357,13 +358,58 @@ class GraftOptimizer(Optimizer):
         if self.callback is not None:
             self.callback(record)
 
+    # A GradScaler hands the step to the wrapper with ``grad_scale`` and ``found_inf`` set,
+    # instead of skipping the call on overflow: a skipped update still counts, so every peer
+    # reaches its rounds at the same iteration whatever its scaler does.
+    _step_supports_amp_scaling = True
+
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        """Run the inner step; after every ``every``-th step, run a graft round."""
+        """Run the inner step; after every ``every``-th step, run a graft round.
+
+        Called by a ``torch.amp.GradScaler``, a step whose gradients overflowed leaves the
+        weights alone (as the scaler would) but counts: rounds come at the same iteration on
+        every peer.
+        """
         self._participant.before_step()
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        found_inf = self.__dict__.get("found_inf")
+        if found_inf is not None:
+            loss = self._scaled_step(found_inf, self.__dict__.get("grad_scale"), closure)
+        else:
+            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self._participant.grafter.rate = self.current_rate()
         self._participant.after_step()
         return loss
+
+    def _scaled_step(
+        self, found_inf: Tensor, grad_scale: Tensor | None, closure: Callable[[], float] | None
+    ) -> Any:
+        """The inner step under a GradScaler: skipped on overflow, on unscaled gradients."""
+        inner = self.optimizer
+        args = () if closure is None else (closure,)
+        if getattr(inner, "_step_supports_amp_scaling", False):
+            # Fused optimizers unscale and skip inside their kernels.
+            inner.grad_scale, inner.found_inf = grad_scale, found_inf  # type: ignore[attr-defined]
+            try:
+                return inner.step(*args)
+            finally:
+                del inner.grad_scale, inner.found_inf  # type: ignore[attr-defined]
+        if bool(found_inf.item()):
+            return None
+        if grad_scale is not None:  # the scaler's unscale_ was not called: unscale here
+            inverse = grad_scale.double().reciprocal().float()
+            by_device: dict[torch.device, list[Tensor]] = {}
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        by_device.setdefault(p.grad.device, []).append(p.grad)
+            for device, grads in by_device.items():
+                dense = [g for g in grads if not g.is_sparse]
+                if dense:
+                    torch._foreach_mul_(dense, inverse.to(device))
+                for g in grads:
+                    if g.is_sparse:
+                        g.mul_(inverse.to(device))
+        return inner.step(*args)
 
     def close(self) -> None:
         """Stop taking part in rounds so the host can be wrapped by another GraftOptimizer."""
@@ -400,14 +446,22 @@ class GraftOptimizer(Optimizer):
         """Load the inner optimizer's state and the graft counters.
 
         A plain inner-optimizer state dict (no ``"graft"`` entry) loads into the inner optimizer
-        with a warning, and the graft counters restart from step 0.
+        with a warning, and the graft counters restart from step 0. Hooks registered with
+        ``register_load_state_dict_pre_hook`` / ``_post_hook`` run as for any optimizer.
         """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
+        self._load(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
         p = self._participant
         if "graft" not in state_dict:
             warnings.warn(
                 "loading a state dict without graft state: the inner optimizer's state is loaded, "
                 "graft counters restart at step 0",
-                stacklevel=2,
+                stacklevel=3,
             )
             self.optimizer.load_state_dict(state_dict)
             p.steps = p.arrived = p.committed = 0
@@ -431,7 +485,7 @@ class GraftOptimizer(Optimizer):
             warnings.warn(
                 f"graft settings differ from the checkpoint's (saved, current): {changed}; "
                 "the current settings are kept",
-                stacklevel=2,
+                stacklevel=3,
             )
         steps, arrived, committed = (int(graft[k]) for k in ("steps", "arrived", "committed"))
         due = steps // self.every if steps >= p.start else 0

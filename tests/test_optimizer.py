@@ -381,22 +381,6 @@ def test_step_hooks_run(nets):
     assert calls == [("pre", opt), ("post", opt)]
 
 
-def test_grad_scaler_skipped_step_is_not_counted(nets):
-    host = nets[0]
-    opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.01), [nets[1]], every=2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
-    x, y = _batch(0)
-    for poison in (False, True, False):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(host(x), y)
-        scaler.scale(loss).backward()
-        if poison:
-            host.fc.weight.grad[0, 0] = float("inf")
-        scaler.step(opt)
-        scaler.update()
-    assert opt.steps == 2 and opt.rounds == 1
-
-
 # -- host inference and wrappers -----------------------------------------------------------
 
 
@@ -612,3 +596,82 @@ def test_a_replaced_submodule_raises_and_rewrapping_works(which):
     expected = ref_graft(host, [peer])
     again.step()
     torch.testing.assert_close(host.fc.weight.double(), expected["fc.weight"], atol=2e-6, rtol=1e-6)
+
+
+# -- loss scaling -------------------------------------------------------------------------
+
+
+def _scaled_ring_run(overflow_at: dict[int, int], *, clip: bool = False, fused: bool = False):
+    """Two networks in a ring stepped through CPU GradScalers; peer p's gradients overflow
+    at the iterations ``overflow_at`` maps to it."""
+    models = [make_net(0), make_net(1)]
+    inners = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, fused=fused) for m in models]
+    seen: list[list[int]] = [[], []]
+    opts = graftopt.ring(models, inners, every=3)
+    for p, opt in enumerate(opts):
+        opt.callback = lambda r, p=p: seen[p].append(r.step)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in models]
+    for it in range(7):
+        x, y = _batch(it)
+        for p, (model, opt, scaler) in enumerate(zip(models, opts, scalers, strict=True)):
+            opt.zero_grad()
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            if overflow_at.get(p) == it:
+                next(model.parameters()).grad.view(-1)[0] = float("inf")
+            if clip:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+    return models, opts, seen, scalers
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["scaled", "unscaled"])
+def test_grad_scaler_without_overflow_trains_as_without_scaler(clip):
+    models, _, seen, _ = _scaled_ring_run({}, clip=clip)
+    ref_models = [make_net(0), make_net(1)]
+    ref_inners = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in ref_models]
+    ref_opts = graftopt.ring(ref_models, ref_inners, every=3)
+    for it in range(7):
+        for model, opt in zip(ref_models, ref_opts, strict=True):
+            _train_step(model, opt, it)
+    assert seen == [[3, 6], [3, 6]]
+    for got, ref in zip(models, ref_models, strict=True):
+        for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_skipped_scaler_step_keeps_the_round_schedule(fused):
+    # Peer 1 overflows at iteration 2, the step before round 1: its update is skipped, its
+    # scaler backs off, and both peers still graft at the same iterations.
+    models, opts, seen, scalers = _scaled_ring_run({1: 2}, fused=fused)
+    assert seen == [[3, 6], [3, 6]]
+    assert [o.steps for o in opts] == [7, 7] and [o.rounds for o in opts] == [2, 2]
+    assert scalers[1].get_scale() < scalers[0].get_scale()
+    assert all(torch.isfinite(t).all() for m in models for t in m.state_dict().values())
+
+
+def test_skipped_scaler_step_leaves_the_weights():
+    model = make_net(0)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = GraftOptimizer(inner, [make_net(1)], every=5)
+    scaler = torch.amp.GradScaler("cpu")
+    before = _state(model)
+    x, y = _batch(0)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    next(model.parameters()).grad.view(-1)[0] = float("nan")
+    scaler.step(opt)
+    scaler.update()
+    assert opt.steps == 1 and not opt.state
+    for k, v in model.named_parameters():
+        assert torch.equal(v, before[k]), k
+    assert "found_inf" not in vars(opt) and "grad_scale" not in vars(opt)
+
+
+def test_load_state_dict_hooks_run(nets):
+    opt = GraftOptimizer(torch.optim.SGD(nets[0].parameters(), lr=0.1), [nets[1]], every=2)
+    calls = []
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(("pre", o)))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("post", o)))
+    opt.load_state_dict(opt.state_dict())
+    assert calls == [("pre", opt), ("post", opt)]

@@ -1,0 +1,177 @@
+"""graftopt.timm: a train.py-shaped script (tests/timm_script.py) grafting one peer per rank."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+import graftopt
+import graftopt.timm
+from graftopt import GraftOptimizer
+
+from .conftest import make_net
+from .test_train_distributed import ENV as TORCHRUN_ENV
+from .test_train_distributed import _port
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**TORCHRUN_ENV, "PYTHONPATH": str(ROOT)}
+
+
+def _script(out: Path, *args: str, procs: int = 2) -> subprocess.CompletedProcess[str]:
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}"]
+    launch += ["--master-addr", "127.0.0.1", "--master-port", str(_port())]
+    cmd = [*launch, "-m", "tests.timm_script", "--output", str(out), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240, cwd=out)
+
+
+def _ok(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _peer(out: Path, experiment: str, p: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = out / experiment / f"peer{p}"
+    log = json.loads((folder / "log.json").read_text())
+    return log, torch.load(folder / "final.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch with rounds, the same without, two epochs in one go, and one resumed."""
+    out = tmp_path_factory.mktemp("timm")
+    _ok(_script(out, "--experiment", "one", "--model-ema"))
+    _ok(_script(out, "--experiment", "norounds", "--model-ema", "--graft-start", "1000000"))
+    _ok(_script(out, "--experiment", "two", "--model-ema", "--epochs", "2"))
+    shutil.copytree(out / "one", out / "resumed")
+    resume = str(out / "resumed" / "peer{peer}" / "last.pth.tar")
+    _ok(_script(out, "--experiment", "resumed", "--model-ema", "--epochs", "2", "--resume", resume))
+    return out
+
+
+def test_each_rank_is_a_peer_with_its_own_folder_seed_and_whole_data(runs: Path) -> None:
+    logs = [_peer(runs, "one", p)[0] for p in range(2)]
+    assert [log["seed"] for log in logs] == [42, 43]
+    assert [log["samples"] for log in logs] == [[48], [48]]  # no sampler split between peers
+    assert [log["rounds"] for log in logs] == [[6], [6]]  # 48 / 8 updates: at the epoch's end
+    for p in range(2):
+        assert (runs / "one" / f"peer{p}" / "last.pth.tar").is_file()
+    a, b = (_peer(runs, "one", p)[1] for p in range(2))
+    assert not torch.equal(a["conv1.weight"], b["conv1.weight"])
+
+
+def test_round_across_ranks_equals_the_in_process_ring(runs: Path) -> None:
+    before = [_peer(runs, "norounds", p) for p in range(2)]
+    assert [log["rounds"] for log, _ in before] == [[], []]
+    models = []
+    for _, state in before:
+        m = timm.create_model("cifar_resnet20", num_classes=3, pretrained=False)
+        m.load_state_dict(state)
+        models.append(m)
+    inners = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models]
+    for opt in graftopt.ring(models, inners, every=1, **graftopt.timm.DEFAULTS):
+        opt.step()
+    for p, model in enumerate(models):
+        after = _peer(runs, "one", p)[1]
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(after[name], value, msg=f"peer {p}: {name}")
+
+
+def test_resumed_peers_continue_on_schedule(runs: Path) -> None:
+    for p in range(2):
+        (log, resumed), (ref_log, ref) = _peer(runs, "resumed", p), _peer(runs, "two", p)
+        assert log["rounds"] == ref_log["rounds"] == [6, 12]
+        assert log["committed"] == 2 and log["steps"] == 12
+        for name, value in ref.items():
+            torch.testing.assert_close(resumed[name], value, msg=f"peer {p}: {name}")
+
+
+def test_three_peers_with_mixup_scaler_and_accumulation(tmp_path: Path) -> None:
+    args = ["--experiment", "x", "--epochs", "2", "--model-ema", "--mixup", "0.4", "--scaler"]
+    _ok(_script(tmp_path, *args, "--grad-accum-steps", "2", procs=3))
+    logs = [_peer(tmp_path, "x", p)[0] for p in range(3)]
+    # 6 batches of 2 accumulated: 3 updates per epoch, one round at each epoch's end.
+    assert [log["rounds"] for log in logs] == [[3, 6]] * 3
+    assert [log["steps"] for log in logs] == [6] * 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--resume", "one/last.pth.tar"], "names one checkpoint for all 2 peers"),
+        (["--sync-bn"], "--sync-bn"),
+    ],
+    ids=["resume-without-peer", "sync-bn"],
+)
+def test_setup_refuses(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = _script(tmp_path, *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_setup_outside_torchrun_is_refused() -> None:
+    import argparse
+
+    with pytest.raises(ValueError, match="under torchrun"):
+        graftopt.timm.setup(argparse.Namespace(distributed=False, seed=0))
+
+
+def test_resuming_mid_epoch_warns() -> None:
+    model = make_net(0)
+    opt = GraftOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), [make_net(1)], every=6)
+    opt.register_load_state_dict_post_hook(graftopt.timm._warn_mid_epoch)
+    state = opt.state_dict()
+    state["graft"]["steps"] = 4
+    with pytest.warns(UserWarning, match="4 updates into an epoch"):
+        opt.load_state_dict(state)
+    state["graft"]["steps"] = 6
+    state["graft"]["arrived"] = state["graft"]["committed"] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(state)
+
+
+def _loss(model: nn.Module, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def test_adahessian_runs_second_order_through_the_wrapper() -> None:
+    model, peer = make_net(0), make_net(1)
+    inner = create_optimizer_v2(model, opt="adahessian", lr=0.1)
+    opt = GraftOptimizer(inner, [peer], every=2, model=model)
+    # As timm's train.py decides how to call backward:
+    second_order = hasattr(opt, "is_second_order") and opt.is_second_order
+    assert second_order
+    before = model.conv1.weight.detach().clone()
+    for seed in range(2):
+        opt.zero_grad()
+        _loss(model, seed).backward(create_graph=second_order)
+        opt.step()
+    assert opt.rounds == 1 and not torch.equal(model.conv1.weight, before)
+
+
+def test_lookahead_sync_reaches_the_inner_optimizer() -> None:
+    model, peer = make_net(0), make_net(1)
+    inner = create_optimizer_v2(model, opt="lookahead_sgd", lr=0.1, momentum=0.9)
+    opt = GraftOptimizer(inner, [peer], every=100, model=model)
+    for seed in range(7):  # past lookahead's k = 6 steps, so that slow weights exist
+        opt.zero_grad()
+        _loss(model, seed).backward()
+        opt.step()
+    assert hasattr(opt, "sync_lookahead")
+    fast = model.conv1.weight.detach().clone()
+    opt.sync_lookahead()  # timm's end of epoch: the weights become the slow weights
+    assert not torch.equal(model.conv1.weight, fast)
