@@ -6,7 +6,7 @@ import gc
 import warnings
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,42 +27,90 @@ _STATE_VERSION = 1
 OPTIMIZER_STATES = ("keep", "reset")
 
 
-def _owner_chain(param: Tensor) -> Iterable[nn.Module]:
-    """Modules holding ``param``, then their ancestors, found through the garbage collector.
+def _live_modules() -> list[nn.Module]:
+    """Every module alive in the process, from one pass over the garbage collector's objects."""
+    kinds: dict[type, bool] = {}
+    found = []
+    for obj in gc.get_objects():
+        # type(), not isinstance(): some objects (deprecated torch aliases) warn on __class__.
+        kind = type(obj)
+        is_module = kinds.get(kind)
+        if is_module is None:
+            is_module = kinds[kind] = issubclass(kind, nn.Module)
+        if is_module:
+            found.append(obj)
+    return found
 
-    A module holds its children and parameters in dicts (``_parameters``, ``_modules``) that
-    sit in its instance dict, so the path up goes through at most two dicts per level.
-    """
+
+def _candidates(params: Sequence[Tensor]) -> list[nn.Module]:
+    """Every live module whose ``parameters()`` are exactly ``params``, innermost first: the
+    module holding the first parameter and those of its ancestors that match."""
+    first = params[0]
+    parents: dict[int, list[nn.Module]] = {}
+    frontier = []
+    for m in _live_modules():
+        for child in m._modules.values():
+            if child is not None:
+                parents.setdefault(id(child), []).append(m)
+        if any(t is first for t in m._parameters.values()):
+            frontier.append(m)
+    ids = [id(p) for p in params]
+    found: list[nn.Module] = []
     seen: set[int] = set()
-    frontier: list[object] = [param]
     while frontier:
-        obj = frontier.pop(0)
-        dicts: list[tuple[object, int]] = [(obj, 0)]
-        while dicts:
-            cur, depth = dicts.pop(0)
-            for ref in gc.get_referrers(cur):
-                if isinstance(ref, nn.Module) and id(ref) not in seen:
-                    seen.add(id(ref))
-                    frontier.append(ref)
-                    yield ref
-                elif isinstance(ref, dict) and depth < 2:
-                    dicts.append((ref, depth + 1))
+        upper = []
+        for m in frontier:
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            own = [id(p) for p in m.parameters()]
+            if own == ids:
+                found.append(m)
+            if len(own) <= len(ids):  # an ancestor of a larger module cannot match
+                upper.extend(parents.get(id(m), ()))
+        frontier = upper
+    unique: dict[int, nn.Module] = {}
+    for m in found:
+        unique.setdefault(id(unwrap(m)), unwrap(m))
+    return list(unique.values())
 
 
-def _infer_host(optimizer: Optimizer) -> nn.Module:
-    """The model whose ``parameters()`` are exactly the optimizer's parameters, in order."""
+def _signature(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(n, tuple(p.shape)) for n, p in unwrap(model).named_parameters()]
+
+
+def _describe_candidates(candidates: Sequence[nn.Module]) -> str:
+    return ", ".join(
+        f"{type(m).__name__} (first layer {next(iter(_signature(m)), ('?',))[0]!r})"
+        for m in candidates
+    )
+
+
+def _infer_host(optimizer: Optimizer, peers: Sequence[nn.Module] | None) -> nn.Module:
+    """The model the optimizer trains: its ``parameters()`` are exactly the optimizer's, in
+    order, and (among several such models, a wrapper and the network inside it) its layers
+    are the peers' layers; without peer modules, the outermost."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not params:
         raise ValueError("the optimizer holds no parameters")
-    ids = [id(p) for p in params]
-    # The outermost match: a wrapper whose only child holds every parameter is the model.
-    matches = [m for m in _owner_chain(params[0]) if [id(p) for p in m.parameters()] == ids]
-    if matches:
-        return unwrap(matches[-1])
+    candidates = _candidates(params)
+    if not candidates:
+        raise ValueError(
+            "cannot tell which model this optimizer trains: its parameters are not exactly one "
+            "model's parameters in module order (parameter groups such as timm's weight-decay "
+            "split reorder them); pass model=the_host_model to GraftOptimizer"
+        )
+    if len(candidates) == 1 or not peers:
+        return candidates[-1]
+    wanted = _signature(peers[0])
+    matching = [m for m in candidates if _signature(m) == wanted]
+    if matching:
+        return matching[-1]
     raise ValueError(
-        "cannot tell which model this optimizer trains: its parameters are not exactly one "
-        "model's parameters in module order (parameter groups such as timm's weight-decay "
-        "split reorder them); pass model=the_host_model to GraftOptimizer"
+        f"cannot tell which model this optimizer trains: the models holding exactly its "
+        f"parameters are {_describe_candidates(candidates)}, and none has the layers of peer 0 "
+        f"({type(unwrap(peers[0])).__name__}, first layer {wanted[0][0] if wanted else None!r}); "
+        "pass model=the_host_model to GraftOptimizer"
     )
 
 
@@ -211,7 +259,11 @@ class GraftOptimizer(Optimizer):
                 raise TypeError("peers must be a list of models (or a PeerSource), not one model")
             source = ModulePeers(list(peers))
         _warn_ddp_over_peers(model, source)
-        host = unwrap(model) if model is not None else _infer_host(optimizer)
+        if model is not None:
+            host = unwrap(model)
+        else:
+            modules = None if isinstance(peers, PeerSource) else list(peers)
+            host = _infer_host(optimizer, modules)
         self.model = host
         self.adapter = adapter if adapter is not None else get_adapter(host)
         units = self.adapter.units(host)

@@ -533,6 +533,30 @@ def test_inferred_host_is_the_outermost_model():
     assert opt.units[0].name == "body.conv1"
 
 
+class _Normalize(nn.Module):
+    def forward(self, x):
+        return x - x.mean()
+
+
+def test_inferred_host_is_the_model_with_the_peers_layers():
+    host, peer = make_net(0), make_net(1)
+    around = nn.Sequential(_Normalize(), host)  # holds exactly the host's parameters too
+    opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
+    assert opt.model is host and opt.units[0].name == "conv1"
+    del around
+
+
+def test_host_inference_names_the_candidates_when_none_matches_the_peers():
+    host = make_net(0)
+    around = nn.Sequential(_Normalize(), host)
+    peer = nn.Sequential(nn.Identity(), nn.Identity(), make_net(1))  # layers named '2.*'
+    with pytest.raises(ValueError, match=r"SmallNet \(first layer 'conv1.weight'\)") as err:
+        GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
+    assert "Sequential (first layer '1.conv1.weight')" in str(err.value)
+    assert "peer 0 (Sequential, first layer '2.conv1.weight')" in str(err.value)
+    del around
+
+
 def test_round_follows_tensors_replaced_after_wrapping(nets):
     host, peer = nets[0], nets[1]
     opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
