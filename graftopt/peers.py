@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
@@ -16,19 +16,13 @@ if TYPE_CHECKING:
 
 __all__ = ["ModulePeers", "PeerSource", "check_alignment", "read_tensors"]
 
-# Weights of a host as they were at its round step, kept only while its round waits for a
-# peer and the host has stepped again; peers must read those, not the newer ones.
-_SNAPSHOTS: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = weakref.WeakKeyDictionary()
 _REFS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], TensorRefs]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def read_tensors(module: nn.Module, names: Sequence[str]) -> list[Tensor]:
-    """The named tensors of a (bare) module as a round must read them."""
-    table = _SNAPSHOTS.get(module)
-    if table is not None:
-        return [table[n] for n in names]
+    """The named tensors of a (bare) module, as they are now."""
     # Rounds read the same names every time: locate them once per module.
     cache = _REFS.setdefault(module, {})
     key = tuple(names)
@@ -126,10 +120,16 @@ class ModulePeers(PeerSource):
         names = [n for u in units for n in u.members]
         self._as_bound = [TensorRefs(p, names) for p in self._peers]
 
-    def fetch(self, names: Sequence[str]) -> list[list[Tensor]]:
+    def fetch(
+        self,
+        names: Sequence[str],
+        read: Callable[[nn.Module, Sequence[str]], list[Tensor]] = read_tensors,
+    ) -> list[list[Tensor]]:
+        """``read``: how to read a peer (a round group reads a peer that stepped past its
+        round step from the weights it kept)."""
         for refs in self._as_bound:
             refs.check()
-        return [read_tensors(p, names) for p in self._peers]
+        return [read(p, names) for p in self._peers]
 
     def modules(self) -> list[nn.Module]:
         return list(self._peers)

@@ -1,9 +1,10 @@
 """How rounds run: simultaneous rounds of the models of one process, and one round as a call.
 
-A :class:`Participant` counts one host's steps and commits rounds together with every in-process
-model linked to it by peer relations, so that each blend of round ``r`` reads weights as they
-were after each model's own ``r * every``-th step, before any round-``r`` write, whatever order
-the models step in. Each host's round is planned by its :class:`~graftopt.grafter.Grafter`.
+A :class:`Participant` counts one host's steps; its :class:`RoundGroup`, the in-process models
+linked to it by peer relations, commits each round when all of them arrived, so that each blend
+of round ``r`` reads weights as they were after each model's own ``r * every``-th step, before
+any round-``r`` write, whatever order the models step in. Each host's round is planned by its
+:class:`~graftopt.grafter.Grafter`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from .adapters.base import unwrap, validate_units
 from .diagnostics import RoundRecord
 from .grafter import Grafter, GraftSettings, RoundPlan, check_rate
 from .inplace import InPlaceRound, in_place_round
-from .peers import _SNAPSHOTS, ModulePeers, read_tensors
+from .peers import ModulePeers, read_tensors
 
-__all__ = ["Participant", "graft_"]
+__all__ = ["Participant", "RoundGroup", "graft_"]
 
 
 def graft_(
@@ -99,18 +100,90 @@ def _warn_skipped(record: RoundRecord, host: nn.Module, stacklevel: int) -> None
         )
 
 
-_REGISTRY: dict[int, weakref.ref[Participant]] = {}
+# Which participant hosts a module: one wrapper per host, and the links a new host joins by.
+_HOSTS: weakref.WeakValueDictionary[int, Participant] = weakref.WeakValueDictionary()
 _ORDER = itertools.count()
 
 
 def _participant_of(module: nn.Module) -> Participant | None:
-    ref = _REGISTRY.get(id(module))
-    p = ref() if ref is not None else None
+    p = _HOSTS.get(id(module))
     return p if p is not None and p.grafter.host is module else None
 
 
+def _linked(a: Participant, b: Participant) -> bool:
+    return any(m is b.host for m in a.grafter.peers.modules()) or any(
+        m is a.host for m in b.grafter.peers.modules()
+    )
+
+
+class RoundGroup:
+    """The models of one process that graft from each other, and what their rounds share.
+
+    Members are linked by peer relations (a member's peers, and the members that take it as a
+    peer); a group is formed when its hosts are wrapped, never searched for at a round. It
+    holds, while a round waits, the round-step weights of the members that stepped again, and
+    the in-place round of its last round, reused by the next.
+    """
+
+    def __init__(self, members: Sequence[Participant] = ()) -> None:
+        self._members = [weakref.ref(p) for p in sorted(members, key=lambda p: p._order)]
+        self.snapshots: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.in_place: list[InPlaceRound | None] = [None]
+        for p in members:
+            p.group = self
+
+    @property
+    def members(self) -> list[Participant]:
+        """The live members, in the order their hosts were wrapped."""
+        return [p for p in (r() for r in self._members) if p is not None]
+
+    @staticmethod
+    def join(newcomer: Participant) -> RoundGroup:
+        """The group of ``newcomer`` and of every wrapped host linked to it (their groups
+        merge). Raises before anything changes when the members' schedules differ."""
+        linked = [p for p in _HOSTS.values() if p is not newcomer and _linked(newcomer, p)]
+        members = {id(newcomer): newcomer}
+        snapshots: dict[nn.Module, dict[str, Tensor]] = {}
+        for p in linked:
+            for q in p.group.members:
+                members[id(q)] = q
+            snapshots.update(p.group.snapshots)
+        for p in members.values():
+            if (p.every, p.first) != (newcomer.every, newcomer.first):
+                raise ValueError(
+                    "models that graft from each other in one process must share `every` and "
+                    f"`start`: {type(newcomer.host).__name__} has every={newcomer.every}, "
+                    f"start={newcomer.start}; a peer has every={p.every}, start={p.start}"
+                )
+        group = RoundGroup(list(members.values()))
+        group.snapshots.update(snapshots)
+        return group
+
+    def leave(self, member: Participant) -> None:
+        """Remove ``member``; the others regroup by the links left between them."""
+        rest = [p for p in self.members if p is not member]
+        while rest:
+            component = [rest.pop(0)]
+            for cur in component:  # grows while it is walked: every member linked to one
+                linked = [q for q in rest if _linked(cur, q)]
+                rest = [q for q in rest if q not in linked]
+                component += linked
+            group = RoundGroup(component)
+            for p in component:
+                if p.host in self.snapshots:
+                    group.snapshots[p.host] = self.snapshots[p.host]
+        member.group = RoundGroup([member])
+
+    def read(self, module: nn.Module, names: Sequence[str]) -> list[Tensor]:
+        """A member's tensors as its round must read them: kept ones if it stepped again."""
+        kept = self.snapshots.get(module)
+        return [kept[n] for n in names] if kept is not None else read_tensors(module, names)
+
+
 class Participant:
-    """Counts one host's optimizer steps and runs its rounds, simultaneously with its peers'.
+    """Counts one host's optimizer steps and runs its rounds, simultaneously with its group's.
 
     Args:
         grafter: the host's grafter.
@@ -119,6 +192,8 @@ class Participant:
         start: no round before this many steps (the first round comes at the first multiple of
             ``every`` at or after ``start``).
     """
+
+    group: RoundGroup
 
     def __init__(
         self,
@@ -136,23 +211,14 @@ class Participant:
         self.committed = 0
         self._order = next(_ORDER)
         self._replica_warned = False
-        # The in-place round of the group this participant leads, kept for the next rounds.
-        self.in_place: list[InPlaceRound | None] = [None]
         host = grafter.host
-        other = _participant_of(host)
-        if other is not None:
+        if _participant_of(host) is not None:
             raise ValueError(
                 f"this {type(host).__name__} is already the host of another GraftOptimizer; "
                 "wrap each model once"
             )
-        key = id(host)
-
-        def forget(ref: weakref.ref[Participant]) -> None:
-            # Only this participant's own entry: the host may have been wrapped again since.
-            if _REGISTRY.get(key) is ref:
-                del _REGISTRY[key]
-
-        _REGISTRY[key] = weakref.ref(self, forget)
+        RoundGroup.join(self)
+        _HOSTS[id(host)] = self
 
     def warn_if_replicas(self, record: RoundRecord) -> None:
         """Warn once when, in one of the first rounds, a peer scores exactly as the host in
@@ -177,9 +243,10 @@ class Participant:
             )
 
     def close(self) -> None:
-        """Leave the registry (the host can then be wrapped again)."""
+        """Leave the host's registration and the group (the host can then be wrapped again)."""
         if _participant_of(self.grafter.host) is self:
-            del _REGISTRY[id(self.grafter.host)]
+            del _HOSTS[id(self.grafter.host)]
+            self.group.leave(self)
 
     @property
     def host(self) -> nn.Module:
@@ -195,32 +262,11 @@ class Participant:
         """How many rounds have been committed."""
         return max(0, self.committed - self.first + 1)
 
-    def _group(self) -> list[Participant]:
-        """Every in-process participant linked to this one through peer relations."""
-        live = [p for p in (r() for r in list(_REGISTRY.values())) if p is not None]
-        group, frontier = {id(self): self}, [self]
-        while frontier:
-            cur = frontier.pop()
-            linked = [_participant_of(m) for m in cur.grafter.peers.modules()]
-            linked += [p for p in live if any(m is cur.host for m in p.grafter.peers.modules())]
-            for p in linked:
-                if p is not None and id(p) not in group:
-                    group[id(p)] = p
-                    frontier.append(p)
-        members = sorted(group.values(), key=lambda p: p._order)
-        for p in members:
-            if (p.every, p.first) != (self.every, self.first):
-                raise ValueError(
-                    "models that graft from each other in one process must share `every` and "
-                    f"`start`: {type(self.host).__name__} has every={self.every}, "
-                    f"start={self.start}; a peer has every={p.every}, start={p.start}"
-                )
-        return members
-
     def before_step(self) -> None:
         """Keep the round-step weights if this host steps again while its round waits."""
-        if self.arrived > self.committed and self.host not in _SNAPSHOTS:
-            _SNAPSHOTS[self.host] = {
+        snapshots = self.group.snapshots
+        if self.arrived > self.committed and self.host not in snapshots:
+            snapshots[self.host] = {
                 n: t.detach().clone()
                 for n, t in zip(self.grafter.names, self.grafter.live(), strict=True)
             }
@@ -231,11 +277,12 @@ class Participant:
         if self.steps % self.every or self.steps < self.start:
             return
         r = self.steps // self.every
-        group = self._group()
+        group = self.group
+        members = group.members
         if self.arrived > self.committed:
             late = [
                 type(p.host).__name__ + f" (at round {p.arrived})"
-                for p in group
+                for p in members
                 if p.arrived < self.arrived
             ]
             raise RuntimeError(
@@ -244,17 +291,17 @@ class Participant:
                 "(one step each per iteration)"
             )
         self.arrived = r
-        if all(p.arrived >= r for p in group):
+        if all(p.arrived >= r for p in members):
             try:
-                _commit(group, r)
+                _commit(group, members, r)
             except BaseException as e:
                 if self.committed >= r:
                     raise  # written: a warning or callback raised afterwards
                 # Nothing was written (every check reads before the first write): the round
                 # did not happen, and the next round runs as usual.
-                for p in group:
+                for p in members:
                     p.arrived = p.committed
-                    _SNAPSHOTS.pop(p.host, None)
+                group.snapshots.clear()
                 if hasattr(e, "add_note"):
                     e.add_note(
                         f"graft round {r} (step {self.steps}) failed and was not applied; the "
@@ -263,23 +310,29 @@ class Participant:
                 raise
 
 
-def _commit(group: Sequence[Participant], r: int) -> None:
+def _fetch(group: RoundGroup, grafter: Grafter) -> list[list[Tensor]]:
+    if isinstance(grafter.peers, ModulePeers):
+        return grafter.peers.fetch(grafter.names, group.read)
+    return grafter.peers.fetch(grafter.names)
+
+
+def _commit(group: RoundGroup, members: Sequence[Participant], r: int) -> None:
     """Plan every member's blend from pre-round weights, then write them all."""
     plans = []
     cache: dict = {}
-    for p in group:
+    for p in members:
         g = p.grafter
-        host = read_tensors(g.host, g.names)
+        host = group.read(g.host, g.names)
         g.peers.begin_round(r, g.settings, p.every)
-        plans.append(g.plan(host, g.peers.fetch(g.names), cache=cache))
-    grafters = [p.grafter for p in group]
-    snapshots = [_SNAPSHOTS.get(p.host) for p in group]
-    oks = _write_round(grafters, plans, snapshots, group[0].in_place)
+        plans.append(g.plan(host, _fetch(group, g), cache=cache))
+    grafters = [p.grafter for p in members]
+    snapshots = [group.snapshots.get(p.host) for p in members]
+    oks = _write_round(grafters, plans, snapshots, group.in_place)
     # The round is written: every member moves on before any warning or callback can raise.
-    for p in group:
-        _SNAPSHOTS.pop(p.host, None)
+    group.snapshots.clear()
+    for p in members:
         p.committed = r
-    for p, plan, ok in zip(group, plans, oks, strict=True):
+    for p, plan, ok in zip(members, plans, oks, strict=True):
         rec = dataclasses.replace(
             plan.record, round=r, step=r * p.every, skipped=p.grafter.skipped(ok)
         )

@@ -58,7 +58,7 @@ def _round(wiring, layout, dtype, level, monkeypatch, in_place, poison=None):
                 stack.enter_context(pytest.warns(RuntimeWarning))
             for o in opts:
                 o.step()
-    used = opts[0]._participant.in_place[0]
+    used = opts[0]._participant.group.in_place[0]
     for o in opts:
         o.close()
     return models, opts, used
@@ -112,7 +112,7 @@ def test_overlapping_memory_falls_back_to_buffers(monkeypatch):
     expected_peer.fc.bias.data = expected_host.fc.weight.data.view(-1)[5:8]
     opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
     opt.step()
-    assert not opt._participant.in_place[0].possible
+    assert not opt._participant.group.in_place[0].possible
     with monkeypatch.context() as m:
         m.setattr(InPlaceRound, "possible", False)
         ref = GraftOptimizer(
@@ -130,7 +130,7 @@ def test_mixed_dtypes_fall_back_to_buffers():
     opts = _ring([host, peer])
     for o in opts:
         o.step()
-    assert not opts[0]._participant.in_place[0].possible
+    assert not opts[0]._participant.group.in_place[0].possible
 
 
 def test_graft_function_writes_in_place_like_the_optimizer():
@@ -255,7 +255,7 @@ def test_tensors_outside_the_kernel_are_blended_aside(monkeypatch, poison):
             for o in opts:
                 o.step()
         if mode == "in place":
-            used = opts[0]._participant.in_place[0]
+            used = opts[0]._participant.group.in_place[0]
             assert used.possible and any(idx for idx, _ in used.others)
         results[mode] = models
     for a, b in zip(results["in place"], results["buffered"], strict=True):
@@ -274,7 +274,7 @@ def test_in_place_round_bumps_version_counters():
     before = host.bn1.running_var._version
     for o in opts:
         o.step()
-    assert opts[0]._participant.in_place[0].possible
+    assert opts[0]._participant.group.in_place[0].possible
     assert host.bn1.running_var._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
@@ -309,7 +309,7 @@ def test_buffers_kept_from_buffered_rounds_are_released_in_place():
         oa.step()
         ob.step()
     g = oa._participant.grafter
-    assert oa._participant.in_place[0].possible
+    assert oa._participant.group.in_place[0].possible
     assert all(t is None for t in g._out)
     assert all(entry[3] is None for entry in g._mix[1].fast)
 

@@ -273,11 +273,11 @@ def test_a_failed_round_leaves_models_and_counters_usable(monkeypatch: pytest.Mo
     real = type(source).fetch
     calls = {"n": 0}
 
-    def flaky(self, names):
+    def flaky(self, names, *args):
         calls["n"] += 1
         if calls["n"] == 1:
             raise ConnectionError("peer source briefly unavailable")
-        return real(self, names)
+        return real(self, names, *args)
 
     monkeypatch.setattr(type(source), "fetch", flaky)
     before = [{k: v.detach().clone() for k, v in m.named_parameters()} for m in models]

@@ -95,10 +95,10 @@ def test_a_whole_round_ahead_raises():
 def test_mixed_every_is_refused():
     a, b = make_net(0), make_net(1)
     _oa = GraftOptimizer(torch.optim.SGD(a.parameters(), lr=0.0), [b], every=1)
-    ob = GraftOptimizer(torch.optim.SGD(b.parameters(), lr=0.0), [a], every=2)
-    ob.step()
     with pytest.raises(ValueError, match="share `every`"):
-        ob.step()
+        GraftOptimizer(torch.optim.SGD(b.parameters(), lr=0.0), [a], every=2)
+    # Refused before anything changed: b can still be wrapped with the group's every.
+    GraftOptimizer(torch.optim.SGD(b.parameters(), lr=0.0), [a], every=1)
 
 
 def test_unwrapped_peer_is_read_as_it_is():
@@ -149,3 +149,24 @@ def test_a_raising_warning_does_not_stall_the_group():
     assert [o.rounds for o in opts] == [2, 2, 2]
     for o in opts:
         o.close()
+
+
+def test_round_groups_form_when_hosts_are_wrapped_and_split_when_one_leaves():
+    a, b, c, d = (make_net(s) for s in range(4))
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.0)  # noqa: E731
+    oa = GraftOptimizer(sgd(a), [b], every=1)
+    ob = GraftOptimizer(sgd(b), [a], every=1)
+    oc = GraftOptimizer(sgd(c), [d], every=1)
+    group_of = lambda o: o._participant.group  # noqa: E731
+    assert group_of(oa) is group_of(ob) is not group_of(oc)
+    od = GraftOptimizer(sgd(d), [a, c], every=1)  # links the two pairs
+    assert group_of(oa) is group_of(ob) is group_of(oc) is group_of(od)
+    assert [p.host for p in group_of(oa).members] == [a, b, c, d]
+    od.close()  # what linked the pairs is gone
+    assert group_of(oa) is group_of(ob) is not group_of(oc)
+    assert group_of(oc).members == [oc._participant]
+    oa.step()
+    assert oa.rounds == 0  # waits for b only
+    ob.step()
+    oc.step()  # c's peer d is no longer a host: c grafts alone
+    assert [oa.rounds, ob.rounds, oc.rounds] == [1, 1, 1]
