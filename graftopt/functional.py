@@ -34,7 +34,6 @@ __all__ = [
     "entropies",
     "entropy",
     "graft_alpha",
-    "l1_score",
     "mix",
     "mix_many",
     "row_entropy",
@@ -42,6 +41,12 @@ __all__ = [
     "segment_entropy",
     "segment_l1",
 ]
+
+# The paper's alpha curve and histogram: the one place these defaults are written
+# (GraftSettings, and through it the optimizer and the command line, take them from here).
+PAPER_A = 0.4
+PAPER_C = 500.0
+BINS = 10
 
 
 def _segment_entropy_torch(values: Tensor, lengths: Sequence[int], bins: int) -> Tensor:
@@ -83,7 +88,7 @@ def _triton_kernels():
     return tk if tk.available() else None
 
 
-def segment_entropy(values: Tensor, lengths: Sequence[int], *, bins: int = 10) -> Tensor:
+def segment_entropy(values: Tensor, lengths: Sequence[int], *, bins: int = BINS) -> Tensor:
     """Entropy of each contiguous segment of a flat tensor, all segments at once.
 
     Args:
@@ -133,7 +138,7 @@ class EntropyPlan:
         tensors: Sequence[Tensor],
         *,
         rows: Sequence[int] | None = None,
-        bins: int = 10,
+        bins: int = BINS,
         fresh: Sequence[int] = (),
     ) -> None:
         self.rows = [1] * len(tensors) if rows is None else list(rows)
@@ -194,7 +199,7 @@ class EntropyPlan:
 
 
 def entropies(
-    tensors: Sequence[Tensor], *, rows: Sequence[int] | None = None, bins: int = 10
+    tensors: Sequence[Tensor], *, rows: Sequence[int] | None = None, bins: int = BINS
 ) -> Tensor:
     """Entropy of many tensors at once, or of each slice of their first dimension.
 
@@ -212,20 +217,15 @@ def entropies(
     return EntropyPlan(tensors, rows=rows, bins=bins)(tensors)
 
 
-def entropy(tensor: Tensor, *, bins: int = 10) -> Tensor:
+def entropy(tensor: Tensor, *, bins: int = BINS) -> Tensor:
     """Entropy of one tensor's values over ``bins`` equal-width bins (a 0-d float32 tensor)."""
     return segment_entropy(tensor.reshape(-1), [tensor.numel()], bins=bins)[0]
 
 
-def row_entropy(rows: Tensor, *, bins: int = 10) -> Tensor:
+def row_entropy(rows: Tensor, *, bins: int = BINS) -> Tensor:
     """Entropy of each row of a 2-d tensor (one score per filter at filter level)."""
     f, k = rows.shape
     return segment_entropy(rows.reshape(-1), [k] * f, bins=bins)
-
-
-def l1_score(rows: Tensor) -> Tensor:
-    """Mean absolute value of each row of a 2-d tensor, in float32."""
-    return rows.float().abs().mean(dim=1)
 
 
 def segment_l1(values: Tensor, lengths: Tensor) -> Tensor:
@@ -240,7 +240,7 @@ ROW_SCORES = {"l1": segment_l1}
 
 
 def graft_alpha(
-    score_host: Tensor, score_peer: Tensor, *, A: float = 0.4, c: float = 500.0
+    score_host: Tensor, score_peer: Tensor, *, A: float = PAPER_A, c: float = PAPER_C
 ) -> Tensor:
     """The host's share ``0.5 + A/pi * arctan(c * (score_host - score_peer))``.
 

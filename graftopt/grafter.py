@@ -34,9 +34,9 @@ CRITERIA = ("entropy", "l1", "bn")
 class GraftSettings:
     """Hyper-parameters of a round; validated on construction."""
 
-    A: float = 0.4
-    c: float = 500.0
-    bins: int = 10
+    A: float = F.PAPER_A
+    c: float = F.PAPER_C
+    bins: int = F.BINS
     level: str = "layer"
     criterion: str = "entropy"
 

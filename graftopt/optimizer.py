@@ -24,6 +24,7 @@ from .rounds import Participant
 __all__ = ["GraftOptimizer", "ring"]
 
 _STATE_VERSION = 1
+_DEFAULT = GraftSettings()
 OPTIMIZER_STATES = ("keep", "reset")
 
 
@@ -197,11 +198,11 @@ class GraftOptimizer(Optimizer):
         *,
         every: int,
         model: nn.Module | None = None,
-        A: float = 0.4,
-        c: float = 500.0,
-        bins: int = 10,
-        level: str = "layer",
-        criterion: str = "entropy",
+        A: float = _DEFAULT.A,
+        c: float = _DEFAULT.c,
+        bins: int = _DEFAULT.bins,
+        level: str = _DEFAULT.level,
+        criterion: str = _DEFAULT.criterion,
         adapter: Adapter | None = None,
         callback: Callable[[RoundRecord], None] | None = None,
         history: int = 100,

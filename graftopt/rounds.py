@@ -27,16 +27,18 @@ from .peers import ModulePeers, read_tensors
 
 __all__ = ["Participant", "RoundGroup", "graft_"]
 
+_DEFAULT = GraftSettings()
+
 
 def graft_(
     host: nn.Module,
     peers: Sequence[nn.Module],
     *,
-    A: float = 0.4,
-    c: float = 500.0,
-    bins: int = 10,
-    level: str = "layer",
-    criterion: str = "entropy",
+    A: float = _DEFAULT.A,
+    c: float = _DEFAULT.c,
+    bins: int = _DEFAULT.bins,
+    level: str = _DEFAULT.level,
+    criterion: str = _DEFAULT.criterion,
     adapter: Adapter | None = None,
     rate: float = 1.0,
 ) -> RoundRecord:

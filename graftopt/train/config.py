@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from graftopt.grafter import GraftSettings
 from graftopt.optimizer import OPTIMIZER_STATES
 
 __all__ = ["PRESETS", "RESUME_OVERRIDES", "TrainConfig", "diverse_lr", "merge_resumed"]
@@ -15,6 +16,9 @@ __all__ = ["PRESETS", "RESUME_OVERRIDES", "TrainConfig", "diverse_lr", "merge_re
 RESUME_OVERRIDES = frozenset(
     {"output", "resume", "workers", "progress", "log_interval", "stop_after", "peer_timeout"}
 )
+
+
+_DEFAULT = GraftSettings()
 
 
 @dataclass
@@ -57,11 +61,11 @@ class TrainConfig:
     peers: int = 2
     baseline: bool = False
     graft_every: int | None = None
-    graft_A: float = 0.4
-    graft_c: float = 500.0
-    graft_bins: int = 10
-    graft_level: str = "layer"
-    graft_criterion: str = "entropy"
+    graft_A: float = _DEFAULT.A
+    graft_c: float = _DEFAULT.c
+    graft_bins: int = _DEFAULT.bins
+    graft_level: str = _DEFAULT.level
+    graft_criterion: str = _DEFAULT.criterion
     graft: bool = True  # False: the K peers train without rounds (with distillation, DML alone)
     # Defaults from docs/accuracy.md: one start for all, half-way rounds, statistics re-estimated
     # (the paper's rounds: --graft-preset paper).
