@@ -46,6 +46,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "papa": dict(PRESETS["papa"]),  # population averaging as a graft configuration
     # Local averaging: one start, the plain mean every 10 steps (PAPA's period, the whole way).
     "avg-10": {"same_init": True, "graft_A": 0.0, "graft_every": 10},
+    "graft-10": {"same_init": True, "graft_every": 10},  # avg-10 with the paper's alphas
     "dml": {"graft": False, **DML},  # mutual distillation alone (weight ramped over epoch 1)
     "cultivation": {**GENTLE, **DML},  # gentle rounds + mutual distillation
 }
