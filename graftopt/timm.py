@@ -40,12 +40,14 @@ from torch import nn
 from .distributed import AllPeers, RingPeers
 from .optimizer import GraftOptimizer
 
-__all__ = ["DEFAULTS", "TimmPeers", "setup"]
+__all__ = ["DEFAULTS", "EVERY", "TimmPeers", "setup"]
 
-# The rounds of graftopt train's defaults (docs/accuracy.md): one start, half-way blends.
-# Recalibration is left to the caller: timm's train loader keeps persistent workers, and a
-# second pass over it mid-epoch would reset the training iterator.
-DEFAULTS: Mapping[str, Any] = {"rate": 0.5}
+# The rounds of graftopt train's defaults (docs/accuracy.md): one start (setup's same_init),
+# the paper's full blend every EVERY updates. Recalibration is left to the caller: timm's
+# train loader keeps persistent workers, and a second pass over it mid-epoch would reset the
+# training iterator.
+DEFAULTS: Mapping[str, Any] = {}
+EVERY = 10
 
 PEER = "{peer}"
 
@@ -79,24 +81,31 @@ class TimmPeers:
     def create_optimizer_v2(
         self,
         model: nn.Module,
-        loader: Iterable[Any] | int,
+        loader: Iterable[Any],
         *args: Any,
+        every: int | str = EVERY,
         topology: str = "ring",
         graft: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> GraftOptimizer:
-        """timm's ``create_optimizer_v2(model, *args, **kwargs)``, grafting once per epoch.
+        """timm's ``create_optimizer_v2(model, *args, **kwargs)``, grafting with the other ranks.
 
         Args:
             model: the model the script trains (``task.get_trainable_module()``).
-            loader: the training loader (one round per epoch of optimizer updates, counted with
-                ``--grad-accum-steps`` as timm counts them), or the steps between rounds.
+            loader: the training loader.
+            every: optimizer updates between rounds (default :data:`EVERY`), or ``"epoch"``:
+                one round per epoch of ``loader``, its updates counted with
+                ``--grad-accum-steps`` as timm counts them (the paper's schedule).
             topology: ``"ring"`` (the paper: peer ``p`` grafts from ``p - 1``) or ``"all"``.
             graft: :class:`~graftopt.GraftOptimizer` keywords over :data:`DEFAULTS`
-                (``{"rate": 1.0}`` for the paper's full blends, ``A``, ``c``, ``recalibrate``...).
+                (``rate``, ``A``, ``c``, ``start``, ``recalibrate``...).
             *args, **kwargs: timm's optimizer arguments (``**optimizer_kwargs(cfg=args)``).
         """
-        every = loader if isinstance(loader, int) else self.updates_per_epoch(loader)
+        per_epoch = every == "epoch"
+        if per_epoch:
+            every = self.updates_per_epoch(loader)
+        elif isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            _fail(f"every must be an integer >= 1 or 'epoch', got {every!r}")
         if self.same_init and not self.resumed:
             broadcast_weights(model)
         if topology not in ("ring", "all"):
@@ -107,7 +116,8 @@ class TimmPeers:
         wrapped = GraftOptimizer(
             optimizer, source, every=every, model=model, **{**DEFAULTS, **dict(graft or {})}
         )
-        wrapped.register_load_state_dict_post_hook(_warn_mid_epoch)
+        if per_epoch:
+            wrapped.register_load_state_dict_post_hook(_warn_mid_epoch)
         return wrapped
 
     def updates_per_epoch(self, loader: Iterable[Any]) -> int:

@@ -67,7 +67,8 @@ def test_each_rank_is_a_peer_with_its_own_folder_seed_and_whole_data(runs: Path)
     assert [log["rounds"] for log in logs] == [[6], [6]]  # 48 / 8 updates: at the epoch's end
     for p in range(2):
         assert (runs / "one" / f"peer{p}" / "last.pth.tar").is_file()
-    a, b = (_peer(runs, "one", p)[1] for p in range(2))
+    # One start, their own data orders: before any round the peers differ.
+    a, b = (_peer(runs, "norounds", p)[1] for p in range(2))
     assert not torch.equal(a["conv1.weight"], b["conv1.weight"])
 
 
@@ -175,3 +176,8 @@ def test_lookahead_sync_reaches_the_inner_optimizer() -> None:
     fast = model.conv1.weight.detach().clone()
     opt.sync_lookahead()  # timm's end of epoch: the weights become the slow weights
     assert not torch.equal(model.conv1.weight, fast)
+
+
+def test_rounds_every_n_updates(tmp_path: Path) -> None:
+    _ok(_script(tmp_path, "--experiment", "n", "--graft-every", "4", "--epochs", "2"))
+    assert [_peer(tmp_path, "n", p)[0]["rounds"] for p in range(2)] == [[4, 8, 12]] * 2

@@ -46,6 +46,7 @@ parser.add_argument("--mixup", type=float, default=0.0)
 parser.add_argument("--scaler", action="store_true", help="a CPU GradScaler (timm's NativeScaler)")
 parser.add_argument("--sync-bn", action="store_true")
 parser.add_argument("--graft-start", type=int, default=0)
+parser.add_argument("--graft-every", default="epoch")
 parser.add_argument("--device", default="cpu")
 
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         model,
         loader,
         **optimizer_kwargs(cfg=args),
+        every=args.graft_every if args.graft_every == "epoch" else int(args.graft_every),
         graft={"start": args.graft_start, "callback": lambda r: rounds.append(r.step)},
     )
     loss_scaler = utils.NativeScaler(device="cpu") if args.scaler else None

@@ -22,6 +22,10 @@ COMMANDS = ("train", "report", "inspect")
 _D = TrainConfig()
 
 
+def _every(text: str) -> int | None:
+    return None if text == "epoch" else _positive_int(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -108,9 +112,9 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
     )
     g.add_argument(
         "--graft-every",
-        type=_positive_int,
-        default=None,
-        help="optimizer steps between graft rounds (default: one epoch)",
+        type=_every,
+        default=_D.graft_every,
+        help="optimizer steps between graft rounds, or 'epoch' (once an epoch, as the paper)",
     )
     g.add_argument("--graft-A", type=float, default=_D.graft_A)
     g.add_argument("--graft-c", type=float, default=_D.graft_c)
@@ -121,8 +125,9 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
         "--graft-preset",
         choices=sorted(PRESETS),
         default=None,
-        help="a named round recipe (gentle: the defaults; paper: the authors' rounds; papa: "
-        "population averaging); flags given explicitly override it",
+        help="a named round recipe (frequent: the defaults; paper: the authors' rounds; gentle: "
+        "half-way blends once an epoch with norm recalibration; papa: population averaging); "
+        "flags given explicitly override it",
     )
     g.add_argument(
         "--no-graft",

@@ -60,19 +60,19 @@ class TrainConfig:
     # grafting
     peers: int = 2
     baseline: bool = False
-    graft_every: int | None = None
+    # Defaults from docs/accuracy.md: one start for all, the paper's blend every 10 steps
+    # (the paper's rounds, once an epoch from independent starts: --graft-preset paper).
+    graft_every: int | None = 10
     graft_A: float = _DEFAULT.A
     graft_c: float = _DEFAULT.c
     graft_bins: int = _DEFAULT.bins
     graft_level: str = _DEFAULT.level
     graft_criterion: str = _DEFAULT.criterion
     graft: bool = True  # False: the K peers train without rounds (with distillation, DML alone)
-    # Defaults from docs/accuracy.md: one start for all, half-way rounds, statistics re-estimated
-    # (the paper's rounds: --graft-preset paper).
-    graft_rate: float = 0.5
+    graft_rate: float = 1.0
     graft_rate_lr: bool = False
     graft_start: int = 0
-    graft_recalibrate: int = 5
+    graft_recalibrate: int = 0
     graft_optimizer_state: str = "keep"
     same_init: bool = True
     distill_weight: float = 0.0
@@ -185,6 +185,8 @@ class TrainConfig:
 # Named round recipes of `graftopt train --graft-preset`; flags given explicitly still win.
 # The settings a preset fixes, every one of them, so that presets never mix.
 _ROUND_FIELDS = (
+    "graft_every",
+    "graft_A",
     "graft_rate",
     "graft_rate_lr",
     "graft_start",
@@ -194,13 +196,20 @@ _ROUND_FIELDS = (
     "distill_weight",
     "distill_warmup",
 )
-# graftopt train's defaults: one start, half-way rounds, norm statistics re-estimated.
-_GENTLE = {name: getattr(TrainConfig(), name) for name in _ROUND_FIELDS}
+# graftopt train's defaults: one start, the paper's full blend every 10 steps.
+_FREQUENT = {name: getattr(TrainConfig(), name) for name in _ROUND_FIELDS}
 # The authors' round: one full blend per epoch from independent starts, momentum kept.
-_PAPER = {**_GENTLE, "graft_rate": 1.0, "graft_recalibrate": 0, "same_init": False}
+_PAPER = {**_FREQUENT, "graft_every": None, "same_init": False}
 PRESETS: dict[str, dict[str, Any]] = {
+    "frequent": _FREQUENT,
     "paper": _PAPER,
-    "gentle": _GENTLE,
+    # One start, half-way blends once an epoch, norm statistics re-estimated from 5 batches.
+    "gentle": {
+        **_FREQUENT,
+        "graft_every": None,
+        "graft_rate": 0.5,
+        "graft_recalibrate": 5,
+    },
     # Population averaging (PAPA) as a graft configuration: equal weights (A = 0), a round
     # every 10 steps moving 1 % of the way, scaled with the learning rate.
     "papa": {
