@@ -29,10 +29,10 @@ from graftopt.distributed import (
     AllPeers,
     PeerError,
     RingPeers,
-    _first_difference,
     init_from_env,
     peer_groups,
 )
+from graftopt.distributed.sources import _first_difference
 
 from .conftest import make_net
 
