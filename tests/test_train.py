@@ -160,6 +160,31 @@ def test_resumed_run_equals_uninterrupted(runs: dict[str, Path]) -> None:
         )
 
 
+def test_rank_checkpoint_sets(tmp_path: Path) -> None:
+    """Under torchrun the newest epoch that every rank holds is the one to resume."""
+    from graftopt.train import checkpoint as ck
+
+    for rank, epoch in [(0, 1), (1, 1), (0, 2), (2, 1), (2, 2)]:
+        (tmp_path / ck.rank_checkpoint_name(rank, epoch)).write_bytes(b"")
+    (tmp_path / "checkpoint-rank1-epoch2.pth.bak").write_bytes(b"")  # not a checkpoint
+    assert ck.rank_epochs(tmp_path, 0) == [1, 2]
+    assert [p.name for p in ck.rank_checkpoints(tmp_path)] == [
+        "checkpoint-rank0-epoch1.pth",
+        "checkpoint-rank1-epoch1.pth",
+        "checkpoint-rank2-epoch1.pth",
+    ]
+    assert ck.newest_common_epoch([[1, 2], [1], [1, 2]]) == 1
+    assert ck.newest_common_epoch([[2], [1]]) is None
+    ck.prune_rank_checkpoints(tmp_path, 0, keep=2)
+    assert ck.rank_epochs(tmp_path, 0) == [2] and ck.rank_epochs(tmp_path, 2) == [1, 2]
+    assert ck.rank_checkpoints(tmp_path) == []  # rank 0 has dropped what rank 1 still needs
+    (tmp_path / ".checkpoint-rank1-epoch2.pth.ab12.tmp").write_bytes(b"torn")
+    (tmp_path / ".metrics.csv.cd34.tmp").write_bytes(b"torn")
+    gone = ck.remove_stale_writes(tmp_path, ["checkpoint-rank1-epoch*.pth"])
+    assert [p.name for p in gone] == [".checkpoint-rank1-epoch2.pth.ab12.tmp"]
+    assert (tmp_path / ".metrics.csv.cd34.tmp").exists()  # another writer's: left alone
+
+
 def test_report_writes_valid_pngs(
     runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -66,13 +67,22 @@ def test_torchrun_resumed_equals_one_process_run(data: list[str], tmp_path: Path
     assert "torchrun: 2 processes, one peer each, on cpu (gloo)" in proc.stdout
     assert proc.stdout.count("recipe: ") == 1  # rank 0 alone prints
     assert sorted(p.name for p in ranks.glob("checkpoint*")) == [
-        "checkpoint-rank0.pth",
-        "checkpoint-rank1.pth",
+        "checkpoint-rank0-epoch1.pth",
+        "checkpoint-rank1-epoch1.pth",
     ]
     assert len(read_csv(ranks / "metrics.csv")) == 6  # 4 networks + 2 ensembles, one epoch
+    # As if killed while saving epoch 2: rank 0's file written, rank 1's half-written.
+    shutil.copy(ranks / "checkpoint-rank0-epoch1.pth", ranks / "checkpoint-rank0-epoch2.pth")
+    stale = ranks / ".checkpoint-rank1-epoch2.pth.x1y2z3.tmp"
+    stale.write_bytes(b"torn")
     proc = _torchrun(["--resume", str(ranks), "--no-report"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("| grafted mean ± std |") == 1
+    assert not stale.exists()
+    assert sorted(p.name for p in ranks.glob("checkpoint*")) == [  # epoch 1's set dropped
+        "checkpoint-rank0-epoch2.pth",
+        "checkpoint-rank1-epoch2.pth",
+    ]
 
     for name in ("metrics.csv", "alphas.csv", "summary.md", "summary.json"):
         assert (ranks / name).read_text() == (one / name).read_text(), name
@@ -80,7 +90,7 @@ def test_torchrun_resumed_equals_one_process_run(data: list[str], tmp_path: Path
     assert [r["graft_rounds"] for r in rows if r["kind"] == "grafted"] == [2, 2, 4, 4]
     whole = torch.load(one / "checkpoint.pth", weights_only=True)
     for rank in range(2):
-        part = torch.load(ranks / f"checkpoint-rank{rank}.pth", weights_only=True)
+        part = torch.load(ranks / f"checkpoint-rank{rank}-epoch2.pth", weights_only=True)
         assert (part["rank"], part["world_size"], part["epoch"]) == (rank, 2, 2)
         assert sorted(part["nets"]) == [f"baseline{rank}", f"grafted{rank}"]  # its lane only
         for net, state in part["nets"].items():
@@ -91,6 +101,18 @@ def test_torchrun_resumed_equals_one_process_run(data: list[str], tmp_path: Path
     proc = _here(["--resume", str(ranks)])
     assert proc.returncode == 2
     assert "trained by torchrun over 2 processes" in proc.stderr
+
+
+def test_torchrun_resume_without_a_common_epoch_fails_clearly(
+    data: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "o"
+    proc = _torchrun([*data, "--output", str(out), "--stop-after", "1"])
+    assert proc.returncode == 0, proc.stderr
+    (out / "checkpoint-rank1-epoch1.pth").rename(out / "checkpoint-rank1-epoch7.pth")
+    proc = _torchrun(["--resume", str(out)])
+    assert proc.returncode != 0
+    assert "no epoch of" in proc.stderr and "rank 0: epochs [1], rank 1: epochs [7]" in proc.stderr
 
 
 def test_torchrun_with_another_peer_count_fails_clearly(data: list[str], tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -20,8 +21,13 @@ __all__ = [
     "find_rank_checkpoint",
     "get_rng_state",
     "load_checkpoint",
+    "newest_common_epoch",
+    "prune_rank_checkpoints",
     "rank_checkpoint_name",
     "rank_checkpoints",
+    "rank_epochs",
+    "rank_files",
+    "remove_stale_writes",
     "safe_load",
     "save_checkpoint",
     "set_rng_state",
@@ -84,24 +90,67 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     _atomic(Path(path), lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
-def rank_checkpoint_name(rank: int) -> str:
-    """The checkpoint file of one rank of a ``torchrun`` run (each rank saves its own)."""
-    return f"checkpoint-rank{rank}.pth"
+# Under torchrun each rank keeps its files of the last epoch that every rank saved, and the
+# newer one while it is being written: a job killed while the ranks save resumes from the
+# newest epoch that all of them hold.
+_RANK_FILE = re.compile(r"checkpoint-rank(\d+)-epoch(\d+)\.pth")
+
+
+def rank_checkpoint_name(rank: int, epoch: int) -> str:
+    """The checkpoint file of one rank of a ``torchrun`` run after ``epoch`` epochs."""
+    return f"checkpoint-rank{rank}-epoch{epoch}.pth"
+
+
+def rank_files(folder: str | os.PathLike[str]) -> dict[int, dict[int, Path]]:
+    """The per-rank checkpoints in a run folder: rank -> epoch -> file (empty for one process)."""
+    found: dict[int, dict[int, Path]] = {}
+    for p in Path(folder).glob("checkpoint-rank*-epoch*.pth"):
+        if m := _RANK_FILE.fullmatch(p.name):
+            found.setdefault(int(m[1]), {})[int(m[2])] = p
+    return dict(sorted(found.items()))
+
+
+def rank_epochs(folder: str | os.PathLike[str], rank: int) -> list[int]:
+    """The epochs whose checkpoint of ``rank`` is in ``folder``, oldest first."""
+    return sorted(rank_files(folder).get(rank, {}))
+
+
+def newest_common_epoch(per_rank: list[list[int]]) -> int | None:
+    """The newest epoch that every rank holds, or None."""
+    common = set.intersection(*(set(e) for e in per_rank)) if per_rank else set()
+    return max(common) if common else None
 
 
 def rank_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
-    """The per-rank checkpoints in a run folder, by rank (empty for one-process runs)."""
-    found = Path(folder).glob("checkpoint-rank*.pth")
-    numbered = [(p.stem.removeprefix("checkpoint-rank"), p) for p in found]
-    return [p for r, p in sorted((int(r), p) for r, p in numbered if r.isdigit())]
+    """The newest set of per-rank checkpoints in which every rank found in ``folder`` has its
+    file, by rank (empty when there is none)."""
+    files = rank_files(folder)
+    epoch = newest_common_epoch([list(f) for f in files.values()])
+    return [] if epoch is None else [f[epoch] for f in files.values()]
+
+
+def prune_rank_checkpoints(folder: str | os.PathLike[str], rank: int, keep: int) -> None:
+    """Delete the checkpoints of ``rank`` older than epoch ``keep`` (once every rank holds it)."""
+    for epoch, p in rank_files(folder).get(rank, {}).items():
+        if epoch < keep:
+            p.unlink(missing_ok=True)
+
+
+def remove_stale_writes(folder: str | os.PathLike[str], names: list[str]) -> list[Path]:
+    """Delete the temporary files a killed atomic write of any of ``names`` (glob patterns)
+    left in ``folder``; returns them."""
+    stale = [p for name in names for p in Path(folder).glob(f".{name}.*.tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     """``path`` itself if it is a file, else the checkpoint inside the run folder ``path``."""
     p = Path(path)
     if p.is_dir():
-        if not (p / CHECKPOINT).exists() and rank_checkpoints(p):
-            n = len(rank_checkpoints(p))
+        if not (p / CHECKPOINT).exists() and rank_files(p):
+            n = len(rank_files(p))
             raise FileNotFoundError(
                 f"{p} holds a run trained by torchrun over {n} processes (checkpoint-rank*.pth): "
                 f"resume it with torchrun --nproc-per-node {n} -m graftopt.train --resume {p}"
@@ -112,30 +161,38 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def find_rank_checkpoint(path: str | os.PathLike[str], rank: int) -> Path:
-    """The checkpoint of ``rank`` in the run folder ``path`` (or the folder of file ``path``)."""
+def find_rank_checkpoint(path: str | os.PathLike[str], rank: int, epoch: int | None) -> Path:
+    """The checkpoint of ``rank`` after ``epoch`` epochs (``None``: the newest it holds) in the
+    run folder ``path`` (or the folder of the file ``path``)."""
     p = Path(path)
     folder = p.parent if p.is_file() else p
-    if (folder / CHECKPOINT).is_file() and not rank_checkpoints(folder):
+    if (folder / CHECKPOINT).is_file() and not rank_files(folder):
         raise FileNotFoundError(
             f"{folder} holds a run trained in one process ({CHECKPOINT}): resume it without "
             "torchrun (graftopt train --resume ...)"
         )
-    ckpt = folder / rank_checkpoint_name(rank)
-    if not ckpt.is_file():
+    held = rank_epochs(folder, rank)
+    if epoch is None and held:
+        epoch = held[-1]
+    ckpt = folder / rank_checkpoint_name(rank, epoch if epoch is not None else 0)
+    if epoch is None or not ckpt.is_file():
         raise FileNotFoundError(
-            f"no checkpoint for rank {rank} at {ckpt}: give the run folder written by the "
-            "torchrun run (on several machines, each keeps its ranks' files)"
+            f"no checkpoint for rank {rank} after epoch {epoch} in {folder} (it holds epochs "
+            f"{held or 'none'}): give the run folder written by the torchrun run (on several "
+            "machines, each keeps its ranks' files)"
         )
     return ckpt
 
 
-def load_checkpoint(path: str | os.PathLike[str], rank: int | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], rank: int | None = None, epoch: int | None = None
+) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (onto the CPU).
 
-    With ``rank``, the file of that rank of a ``torchrun`` run in the folder ``path``.
+    With ``rank``, the file of that rank of a ``torchrun`` run in the folder ``path``, after
+    ``epoch`` epochs (by default the newest this rank holds).
     """
-    p = find_checkpoint(path) if rank is None else find_rank_checkpoint(path, rank)
+    p = find_checkpoint(path) if rank is None else find_rank_checkpoint(path, rank, epoch)
     state = safe_load(p)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None

@@ -297,19 +297,20 @@ def _train(args: argparse.Namespace) -> int:
 def _train_run(args: argparse.Namespace, cfg: TrainConfig, ctx: DistributedContext | None) -> int:
     from .checkpoint import find_checkpoint, load_checkpoint
     from .loop import train
-    from .ranks import agree
+    from .ranks import agree, resume_epoch
 
     state = None
     if cfg.resume is not None:
-        rank = None if ctx is None else ctx.rank
-        state = agree(ctx, lambda: load_checkpoint(cfg.resume, rank))  # type: ignore[arg-type]
+        resumed = Path(cfg.resume)
         given_output = cfg.output
-        cfg = merge_resumed(state["config"], cfg, getattr(args, "explicit", None))
-        resumed = Path(cfg.resume)  # type: ignore[arg-type]
         if ctx is None:
             folder = find_checkpoint(resumed).parent
+            state = load_checkpoint(resumed)
         else:
             folder = resumed if resumed.is_dir() else resumed.parent
+            epoch = resume_epoch(ctx, folder)
+            state = agree(ctx, lambda: load_checkpoint(folder, ctx.rank, epoch))
+        cfg = merge_resumed(state["config"], cfg, getattr(args, "explicit", None))
         cfg.output = given_output or str(folder)
     result = train(cfg, resume_state=state, ctx=ctx)
     if ctx is not None and ctx.rank != 0:

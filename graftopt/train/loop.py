@@ -40,8 +40,10 @@ from .checkpoint import (
     CHECKPOINT,
     atomic_write_text,
     get_rng_state,
+    prune_rank_checkpoints,
     rank_checkpoint_name,
-    rank_checkpoints,
+    rank_files,
+    remove_stale_writes,
     save_checkpoint,
     set_rng_state,
 )
@@ -580,8 +582,9 @@ def train(
     ``summary.md`` / ``summary.json`` with the comparison table.
 
     With ``ctx`` (a process of a ``torchrun`` job, one peer per rank) this rank trains lane
-    ``ctx.peer`` only and saves ``checkpoint-rank{r}.pth`` (``resume_state`` is that file);
-    rank 0 writes everything else from rows gathered from all ranks. Every rank returns the
+    ``ctx.peer`` only and saves ``checkpoint-rank{r}-epoch{e}.pth``, keeping the previous epoch's
+    file until every rank holds the new one (``resume_state`` is one of them); rank 0 writes
+    everything else from rows gathered from all ranks. Every rank returns the
     same summary.
     """
     cfg.validate()
@@ -605,6 +608,9 @@ def train(
         if resume_state is not None and ctx is not None:
             _check_rank_state(resume_state, ctx)
         _check_writable(out)
+        # What a killed write left behind: each rank its own checkpoint, the lead the rest.
+        mine = [CHECKPOINT] if ctx is None else [f"checkpoint-rank{ctx.rank}-epoch*.pth"]
+        remove_stale_writes(out, mine + (_LEAD_FILES if lead else []))
         device = resolve_device(cfg.device, ctx)
         pretrained = timm.models.get_pretrained_cfg(cfg.model)
         return device, build_data(cfg, pretrained.to_dict() if pretrained is not None else {})
@@ -629,6 +635,10 @@ def train(
         epoch0, rows, alpha_rows = ranks.agree(ctx, lambda: _restore(nets, resume_state))
     if ctx is not None:
         _check_same_epoch(ctx, epoch0)
+    if lead and resume_state is not None:
+        # The CSVs of a run killed after its last checkpoint may hold an epoch more.
+        write_csv(out / "metrics.csv", METRIC_FIELDS, rows)
+        write_csv(out / "alphas.csv", ALPHA_FIELDS, alpha_rows)
     current = {"epoch": epoch0}
     new_alphas: list[dict[str, Any]] = []  # this epoch's rows of this process
 
@@ -666,7 +676,6 @@ def train(
     progress.write(f"output: {out}")
     val = eval_loader(spec, cfg)
     stop = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, epoch0 + cfg.stop_after)
-    checkpoint = out / (CHECKPOINT if ctx is None else rank_checkpoint_name(ctx.rank))
     progress.start(epoch0, cfg.epochs)
     try:
         for epoch in range(epoch0, stop):
@@ -688,10 +697,12 @@ def train(
                 epoch_rows, epoch_alphas = _merge_ranks(ctx, epoch_rows, epoch_alphas)
             rows.extend(epoch_rows)
             alpha_rows.extend(epoch_alphas)
+            # The checkpoints first: the CSVs never run ahead of what a resume starts from.
+            state = _checkpoint_state(cfg, spec, nets, epoch + 1, rows, alpha_rows, ctx)
+            _save_epoch(out, state, epoch + 1, ctx)
             if lead:
                 write_csv(out / "metrics.csv", METRIC_FIELDS, rows)
                 write_csv(out / "alphas.csv", ALPHA_FIELDS, alpha_rows)
-            _save(checkpoint, cfg, spec, nets, epoch + 1, rows, alpha_rows, ctx)
             line = "  ".join(f"{r['network']} {r['top1']:.2f}" for r in epoch_rows)
             took = time.perf_counter() - start
             progress.end_epoch(f"epoch {epoch + 1}/{cfg.epochs}  top-1: {line}  ({took:.0f}s)")
@@ -708,6 +719,10 @@ def train(
     return RunResult(out, done, complete, summary, table)
 
 
+# Files only the lead (rank 0, or the one process) writes.
+_LEAD_FILES = ["config.json", "metrics.csv", "alphas.csv", "summary.md", "summary.json"]
+
+
 def _check_writable(out: Path) -> None:
     """Refuse, before any training, an output folder that cannot take a file."""
     try:
@@ -720,7 +735,27 @@ def _check_writable(out: Path) -> None:
 
 
 def _holds_run(out: Path) -> bool:
-    return (out / CHECKPOINT).exists() or bool(rank_checkpoints(out))
+    return (out / CHECKPOINT).exists() or bool(rank_files(out))
+
+
+def _save_epoch(
+    out: Path, state: dict[str, Any], epochs: int, ctx: DistributedContext | None
+) -> None:
+    """Save the checkpoint after ``epochs`` epochs; under torchrun as a set: each rank drops its
+    previous file only once every rank has written the new one."""
+    if ctx is None:
+        save_checkpoint(out / CHECKPOINT, state)
+        return
+    path = out / rank_checkpoint_name(ctx.rank, epochs)
+
+    def save() -> None:
+        try:
+            save_checkpoint(path, state)
+        except OSError as e:
+            raise ValueError(f"cannot save {path}: {e.strerror or e}") from None
+
+    ranks.agree(ctx, save)
+    prune_rank_checkpoints(out, ctx.rank, keep=epochs)
 
 
 def _merge_ranks(
@@ -765,38 +800,34 @@ def _check_same_epoch(ctx: DistributedContext, epoch: int) -> None:
         )
 
 
-def _save(
-    path: Path,
+def _checkpoint_state(
     cfg: TrainConfig,
     spec: DataSpec,
     nets: Sequence[Net],
     epochs: int,
     rows: list,
     alpha_rows: list,
-    ctx: DistributedContext | None = None,
-) -> None:
+    ctx: DistributedContext | None,
+) -> dict[str, Any]:
     where = {} if ctx is None else {"rank": ctx.rank, "world_size": ctx.world_size}
-    save_checkpoint(
-        path,
-        {
-            "config": cfg.to_dict(),
-            "model_args": {"num_classes": spec.num_classes, "in_chans": spec.in_chans},
-            "epoch": epochs,
-            **where,
-            "nets": {
-                n.name: {
-                    "model": n.model.state_dict(),
-                    "optimizer": n.optimizer.state_dict(),
-                    "scheduler": n.scheduler.state_dict() if n.scheduler is not None else None,
-                }
-                for n in nets
-            },
-            "rng": get_rng_state(),
-            # Under torchrun every rank keeps all rows, so any rank's file restores them.
-            "rows": rows,
-            "alpha_rows": alpha_rows,
+    return {
+        "config": cfg.to_dict(),
+        "model_args": {"num_classes": spec.num_classes, "in_chans": spec.in_chans},
+        "epoch": epochs,
+        **where,
+        "nets": {
+            n.name: {
+                "model": n.model.state_dict(),
+                "optimizer": n.optimizer.state_dict(),
+                "scheduler": n.scheduler.state_dict() if n.scheduler is not None else None,
+            }
+            for n in nets
         },
-    )
+        "rng": get_rng_state(),
+        # Under torchrun every rank keeps all rows, so any rank's file restores them.
+        "rows": rows,
+        "alpha_rows": alpha_rows,
+    }
 
 
 def _restore(nets: Sequence[Net], state: dict[str, Any]) -> tuple[int, list, list]:

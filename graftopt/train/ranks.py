@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -16,9 +17,18 @@ import torch.distributed as dist
 
 from graftopt.distributed import DistributedContext, init_from_env
 
+from .checkpoint import newest_common_epoch, rank_epochs
 from .config import TrainConfig
 
-__all__ = ["USER_ERRORS", "agree", "all_gather", "broadcast", "check_world", "start"]
+__all__ = [
+    "USER_ERRORS",
+    "agree",
+    "all_gather",
+    "broadcast",
+    "check_world",
+    "resume_epoch",
+    "start",
+]
 
 T = TypeVar("T")
 # Errors a user can act on; the CLI prints them without a traceback.
@@ -92,3 +102,17 @@ def gather_lanes(ctx: DistributedContext, t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(ctx.num_peers)]
     dist.all_gather(parts, t, group=ctx.graft_group)
     return torch.cat(parts)
+
+
+def resume_epoch(ctx: DistributedContext, folder: Path) -> int:
+    """The newest epoch whose checkpoint every rank holds (each rank reads its own files, so
+    ranks on several machines agree too); the same error on every rank when there is none."""
+    held = all_gather(ctx, rank_epochs(folder, ctx.rank))
+    epoch = newest_common_epoch(held)
+    if epoch is None:
+        raise FileNotFoundError(
+            f"no epoch of {folder} has the checkpoints of every rank ("
+            + ", ".join(f"rank {r}: epochs {e or 'none'}" for r, e in enumerate(held))
+            + ")"
+        )
+    return epoch
