@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.train_subset or 'all'}, val subset {args.val_subset or 'all'}), "
             f"{first.epochs} epochs, batch {first.batch_size}, SGD lr {first.lr} momentum "
             f"{first.momentum} wd {first.weight_decay}, cosine per step, pad-4 crop + flip; "
-            f"rounds every epoch, A={first.graft_A}, c={first.graft_c}, entropy, layer level, "
-            f"ring; configurations {args.configs}; K {args.peers}; seeds {args.seeds}; "
+            f"the paper's ring and rounds (every epoch, A={first.graft_A}, c={first.graft_c}, "
+            "entropy, layer level) unless a configuration changes them; "
+            f"configurations {args.configs}; K {args.peers}; seeds {args.seeds}; "
             "top-1 at the last epoch",
             flush=True,
         )

@@ -23,7 +23,8 @@ from .rounds import Participant
 
 __all__ = ["GraftOptimizer", "ring"]
 
-_STATE_VERSION = 1
+# 2: the inner optimizer's entries at the top level (1: under "optimizer").
+_STATE_VERSION = 2
 _DEFAULT = GraftSettings()
 OPTIMIZER_STATES = ("keep", "reset")
 
@@ -473,8 +474,10 @@ class GraftOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         p = self._participant
         s = self.settings
+        # The inner optimizer's entries at the top level: a plain optimizer of the same kind
+        # loads this state dict as it is (the "graft" entry is ignored there).
         return {
-            "optimizer": self.optimizer.state_dict(),
+            **self.optimizer.state_dict(),
             "graft": {
                 "version": _STATE_VERSION,
                 "steps": p.steps,
@@ -560,7 +563,11 @@ class GraftOptimizer(Optimizer):
                 f"arrived={arrived}, committed={committed}): {'; '.join(problems)}; it was not "
                 "loaded"
             )
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        if int(graft.get("version", 1)) < 2:
+            inner = state_dict["optimizer"]
+        else:
+            inner = {k: v for k, v in state_dict.items() if k != "graft"}
+        self.optimizer.load_state_dict(inner)
         p.steps, p.arrived, p.committed = steps, arrived, committed
 
 

@@ -465,6 +465,27 @@ def test_state_dict_contents_and_foreign_load(nets):
     assert other.steps == 4 and other.rounds == 1
 
 
+def test_state_dict_loads_into_a_plain_optimizer(nets):
+    """The inner optimizer's entries sit at the top level: a plain optimizer takes the state
+    dict as it is; the layout of graft state version 1 still loads."""
+    make = lambda: torch.optim.SGD(nets[0].parameters(), lr=0.1, momentum=0.9)  # noqa: E731
+    opt = GraftOptimizer(make(), [nets[1]], every=3)
+    for i in range(4):
+        _train_step(nets[0], opt, i)
+    sd = opt.state_dict()
+    plain = make()
+    plain.load_state_dict(sd)
+    inner = opt.optimizer.state_dict()
+    assert plain.state_dict()["param_groups"] == inner["param_groups"]
+    for i, state in inner["state"].items():
+        assert torch.equal(
+            plain.state_dict()["state"][i]["momentum_buffer"], state["momentum_buffer"]
+        )
+    old = {"optimizer": inner, "graft": {**sd["graft"], "version": 1}}
+    opt.load_state_dict(old)
+    assert opt.steps == 4 and opt.rounds == 1
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 
