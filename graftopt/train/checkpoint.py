@@ -96,15 +96,16 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
 _RANK_FILE = re.compile(r"checkpoint-rank(\d+)-epoch(\d+)\.pth")
 
 
-def rank_checkpoint_name(rank: int, epoch: int) -> str:
-    """The checkpoint file of one rank of a ``torchrun`` run after ``epoch`` epochs."""
+def rank_checkpoint_name(rank: int | str, epoch: int | str) -> str:
+    """The checkpoint file of one rank of a ``torchrun`` run after ``epoch`` epochs (``"*"``:
+    the glob pattern of all of them)."""
     return f"checkpoint-rank{rank}-epoch{epoch}.pth"
 
 
 def rank_files(folder: str | os.PathLike[str]) -> dict[int, dict[int, Path]]:
     """The per-rank checkpoints in a run folder: rank -> epoch -> file (empty for one process)."""
     found: dict[int, dict[int, Path]] = {}
-    for p in Path(folder).glob("checkpoint-rank*-epoch*.pth"):
+    for p in Path(folder).glob(rank_checkpoint_name("*", "*")):
         if m := _RANK_FILE.fullmatch(p.name):
             found.setdefault(int(m[1]), {})[int(m[2])] = p
     return dict(sorted(found.items()))
@@ -149,10 +150,11 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     """``path`` itself if it is a file, else the checkpoint inside the run folder ``path``."""
     p = Path(path)
     if p.is_dir():
-        if not (p / CHECKPOINT).exists() and rank_files(p):
-            n = len(rank_files(p))
+        n = len(rank_files(p))
+        if not (p / CHECKPOINT).exists() and n:
             raise FileNotFoundError(
-                f"{p} holds a run trained by torchrun over {n} processes (checkpoint-rank*.pth): "
+                f"{p} holds a run trained by torchrun over {n} processes "
+                "(checkpoint-rank*-epoch*.pth): "
                 f"resume it with torchrun --nproc-per-node {n} -m graftopt.train --resume {p}"
             )
         p = p / CHECKPOINT
@@ -172,10 +174,9 @@ def find_rank_checkpoint(path: str | os.PathLike[str], rank: int, epoch: int | N
             "torchrun (graftopt train --resume ...)"
         )
     held = rank_epochs(folder, rank)
-    if epoch is None and held:
-        epoch = held[-1]
-    ckpt = folder / rank_checkpoint_name(rank, epoch if epoch is not None else 0)
-    if epoch is None or not ckpt.is_file():
+    if epoch is None:
+        epoch = held[-1] if held else None
+    if epoch is None or not (ckpt := folder / rank_checkpoint_name(rank, epoch)).is_file():
         raise FileNotFoundError(
             f"no checkpoint for rank {rank} after epoch {epoch} in {folder} (it holds epochs "
             f"{held or 'none'}): give the run folder written by the torchrun run (on several "

@@ -584,8 +584,7 @@ def train(
     With ``ctx`` (a process of a ``torchrun`` job, one peer per rank) this rank trains lane
     ``ctx.peer`` only and saves ``checkpoint-rank{r}-epoch{e}.pth``, keeping the previous epoch's
     file until every rank holds the new one (``resume_state`` is one of them); rank 0 writes
-    everything else from rows gathered from all ranks. Every rank returns the
-    same summary.
+    everything else from rows gathered from all ranks. Every rank returns the same summary.
     """
     cfg.validate()
     check_model(cfg.model)
@@ -609,7 +608,7 @@ def train(
             _check_rank_state(resume_state, ctx)
         _check_writable(out)
         # What a killed write left behind: each rank its own checkpoint, the lead the rest.
-        mine = [CHECKPOINT] if ctx is None else [f"checkpoint-rank{ctx.rank}-epoch*.pth"]
+        mine = [CHECKPOINT] if ctx is None else [rank_checkpoint_name(ctx.rank, "*")]
         remove_stale_writes(out, mine + (_LEAD_FILES if lead else []))
         device = resolve_device(cfg.device, ctx)
         pretrained = timm.models.get_pretrained_cfg(cfg.model)
