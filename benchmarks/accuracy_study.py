@@ -47,6 +47,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # Local averaging: one start, the plain mean every 10 steps (PAPA's period, the whole way).
     "avg-10": {"same_init": True, "graft_A": 0.0, "graft_every": 10},
     "graft-10": {"same_init": True, "graft_every": 10},  # avg-10 with the paper's alphas
+    # The paper's rounds with each peer's filters matched to the host's first (weight matching).
+    "paper-align": {**PRESETS["paper"], "graft_align": True},
+    # graft-10 from independent starts, filters matched: does matching stand in for one start?
+    "align-10": {**PRESETS["frequent"], "same_init": False, "graft_align": True},
     "dml": {"graft": False, **DML},  # mutual distillation alone (weight ramped over epoch 1)
     "cultivation": {**GENTLE, **DML},  # gentle rounds + mutual distillation
 }

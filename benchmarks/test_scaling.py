@@ -8,7 +8,7 @@ from torch import nn
 
 import graftopt
 
-from .common import Idle, Round, describe, synced
+from .common import Idle, Round, describe, make_models, synced
 
 TOTAL = 4_000_000  # parameters per model, split over the layers
 
@@ -69,15 +69,29 @@ class AllToAll:
             torch._foreach_lerp_(self.hosts, p, 0.5)
 
 
+def _time_host(benchmark, r: AllToAll, group: str, model: str, peers: int, impl, device, rounds):
+    benchmark.group = group
+    benchmark.extra_info.update(
+        model=model, peers=peers, level="layer", impl=impl, device=describe(device)
+    )
+    try:
+        benchmark.pedantic(synced(getattr(r, impl)), rounds=rounds, warmup_rounds=2)
+    finally:
+        r.opt.close()
+
+
 @pytest.mark.parametrize("impl", ["graftopt", "floor"])
 @pytest.mark.parametrize("peers", [1, 2, 4, 8])
 def test_peers(benchmark, peers, impl, device):
     r = AllToAll(_stacks(100, peers + 1, device))
-    benchmark.group = "scaling: peers of one host (4M params, 100 layers)"
-    benchmark.extra_info.update(
-        model="stack100", peers=peers, level="layer", impl=impl, device=describe(device)
-    )
-    try:
-        benchmark.pedantic(synced(getattr(r, impl)), rounds=30, warmup_rounds=3)
-    finally:
-        r.opt.close()
+    group = "scaling: peers of one host (4M params, 100 layers)"
+    _time_host(benchmark, r, group, "stack100", peers, impl, device, rounds=30)
+
+
+@pytest.mark.parametrize("impl", ["graftopt", "floor"])
+@pytest.mark.parametrize("peers", [1, 2, 4])
+def test_peers_resnet50(benchmark, peers, impl, device):
+    """The usage of the README: ``GraftOptimizer(SGD(host.parameters()), peers=[...])``."""
+    r = AllToAll(make_models("resnet50", peers + 1, device))
+    group = "scaling: peers of one host (resnet50)"
+    _time_host(benchmark, r, group, "resnet50", peers, impl, device, rounds=15)

@@ -22,6 +22,7 @@ from . import functional as F
 from .adapters.base import TensorRefs, Unit, tensor_table
 from .diagnostics import RoundRecord
 from .kernels import cpu
+from .matching import ChannelSpaces, match_peer, permute
 from .peers import PeerSource
 
 __all__ = ["Blend", "GraftSettings", "Grafter", "RoundPlan", "check_rate"]
@@ -208,6 +209,8 @@ class Grafter:
         self.settings = settings
         # The fraction of the way to the blend the next round moves the host (1: the paper).
         self.rate = 1.0
+        # Channel spaces to match each peer's filters to the host's by, or None (no matching).
+        self.spaces: ChannelSpaces | None = None
         self.names = [n for u in self.units for n in u.members]
         table = tensor_table(host)
         missing = [n for n in self.names if n not in table]
@@ -438,6 +441,8 @@ class Grafter:
         read it in one round.
         """
         self._refs.check()  # the host's module tree is still the one its units came from
+        if self.spaces is not None:
+            peers = [self._matched(host, p) for p in peers]
         memo = {} if cache is None else cache.setdefault("layout keys", {})
         layouts = [self._layout_key(host, memo), *(self._layout_key(p, memo) for p in peers)]
         self._used_plans = {}
@@ -466,6 +471,14 @@ class Grafter:
             self._mix = (mix_key, F.MixPlan(host, peers, columns, axes))
         record = RoundRecord(0, 0, self._unit_names, tuple(slots), h_scores, p_scores, alphas)
         return RoundPlan(host, peers, table, record, mix_key, self._mix[1], self._scored_finite)
+
+    def _matched(self, host: Sequence[Tensor], peer: Sequence[Tensor]) -> list[Tensor]:
+        """``peer`` with its filters in the order that best matches the host's (new tensors
+        where anything moved; the peer's own tensors are never written)."""
+        h = dict(zip(self.names, host, strict=True))
+        p = dict(zip(self.names, peer, strict=True))
+        moved = permute(self.spaces, p, match_peer(self.spaces, h, p))
+        return [moved[n] for n in self.names]
 
     @torch.no_grad()
     def blend(

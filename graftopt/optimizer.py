@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from .adapters import Adapter, Unit, get_adapter, unwrap
 from .adapters.base import validate_units
+from .adapters.channels import channel_spaces
 from .diagnostics import RoundRecord
 from .grafter import Grafter, GraftSettings, check_rate
 from .peers import ModulePeers, PeerSource
@@ -181,6 +182,10 @@ class GraftOptimizer(Optimizer):
         frozen: ``"blend"`` (default, as the paper blends every layer) or ``"keep"``: units
             whose scored weights have ``requires_grad=False`` when the wrapper is made (frozen
             layers) are left out of the rounds, with the norm that belongs to them.
+        align: before every blend, put each peer's filters in the order that best matches
+            the host's (weight matching over the channel spaces of
+            :func:`graftopt.adapters.channels.channel_spaces`; the peer's function is
+            unchanged). For peers that did not start from the same weights.
 
     Example::
 
@@ -213,6 +218,7 @@ class GraftOptimizer(Optimizer):
         optimizer_state: str = "keep",
         recalibrate: Recalibration | None = None,
         frozen: str = "blend",
+        align: bool = False,
     ) -> None:
         # super().__init__ is not called on purpose: it would register the parameters a second
         # time. The wrapper shares the inner optimizer's param_groups, state and defaults.
@@ -240,6 +246,8 @@ class GraftOptimizer(Optimizer):
             )
         if frozen not in ("blend", "keep"):
             raise ValueError(f"frozen must be 'blend' or 'keep', got {frozen!r}")
+        if not isinstance(align, bool):
+            raise TypeError(f"align must be True or False, got {align!r}")
         if recalibrate is not None and not isinstance(recalibrate, Recalibration):
             raise TypeError(
                 "recalibrate must be a graftopt.Recalibration(data, batches), got "
@@ -281,10 +289,11 @@ class GraftOptimizer(Optimizer):
                 raise ValueError("frozen='keep' leaves no unit to graft: every layer is frozen")
         # A weak reference, so that dropping the wrapper frees the host for another wrapper
         # without waiting for the garbage collector to break a cycle.
+        grafter = Grafter(host, units, source, settings)
+        if align:
+            grafter.spaces = channel_spaces(host)
         record = weakref.WeakMethod(self._record)
-        self._participant = Participant(
-            Grafter(host, units, source, settings), every, lambda rec: record()(rec), start
-        )
+        self._participant = Participant(grafter, every, lambda rec: record()(rec), start)
         group = optimizer.param_groups[0]
         self._initial_lr = float(group.get("initial_lr", group.get("lr", 1.0)))
 
@@ -331,7 +340,7 @@ class GraftOptimizer(Optimizer):
             f"GraftOptimizer(every={self.every}, peers={self.peers.num_peers}, "
             f"A={s.A}, c={s.c}, bins={s.bins}, level={s.level!r}, criterion={s.criterion!r}, "
             f"rate={self.rate}{' x lr' if self.rate_by_lr else ''}, start={self.start}, "
-            f"optimizer_state={self.optimizer_state!r}, "
+            f"optimizer_state={self.optimizer_state!r}, align={self.align}, "
             f"adapter={self.adapter!r},\n  {self.optimizer!r})"
         )
 
@@ -346,6 +355,11 @@ class GraftOptimizer(Optimizer):
     @property
     def settings(self) -> GraftSettings:
         return self._participant.grafter.settings
+
+    @property
+    def align(self) -> bool:
+        """Whether each peer's filters are matched to the host's before a blend."""
+        return self._participant.grafter.spaces is not None
 
     @property
     def peers(self) -> PeerSource:
@@ -488,6 +502,7 @@ class GraftOptimizer(Optimizer):
                 "rate": self.rate,
                 "rate_by_lr": self.rate_by_lr,
                 "optimizer_state": self.optimizer_state,
+                "align": self.align,
                 "settings": {
                     "A": s.A,
                     "c": s.c,
@@ -534,6 +549,7 @@ class GraftOptimizer(Optimizer):
             ("rate", self.rate),
             ("rate_by_lr", self.rate_by_lr),
             ("optimizer_state", self.optimizer_state),
+            ("align", self.align),
         ):
             if graft.get(name, value) != value:
                 changed[name] = (graft[name], value)

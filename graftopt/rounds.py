@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .adapters import Adapter, get_adapter
 from .adapters.base import unwrap, validate_units
+from .adapters.channels import channel_spaces
 from .diagnostics import RoundRecord
 from .grafter import Grafter, GraftSettings, RoundPlan, check_rate
 from .inplace import InPlaceRound, in_place_round
@@ -41,6 +42,7 @@ def graft_(
     criterion: str = _DEFAULT.criterion,
     adapter: Adapter | None = None,
     rate: float = 1.0,
+    align: bool = False,
 ) -> RoundRecord:
     """Graft ``host`` from ``peers`` once, now: one round of :class:`GraftOptimizer`, as a call.
 
@@ -61,6 +63,8 @@ def graft_(
     source.bind(host, units, adapter)
     grafter = Grafter(host, units, source, GraftSettings(A, c, bins, level, criterion))
     grafter.rate = check_rate(rate)
+    if align:
+        grafter.spaces = channel_spaces(host)
     plan = grafter.plan(read_tensors(host, grafter.names), source.fetch(grafter.names))
     (unit_ok,) = _write_round([grafter], [plan], [None])
     record = dataclasses.replace(plan.record, skipped=grafter.skipped(unit_ok))

@@ -11,7 +11,14 @@ import torch
 from graftopt.train.cli import build_parser, config_from_args, main
 from graftopt.train.config import PRESETS, TrainConfig
 from graftopt.train.data import build_data
-from graftopt.train.loop import build_nets, distill_loss, distill_weight, peer_logits, soup
+from graftopt.train.loop import (
+    build_nets,
+    distill_loss,
+    distill_weight,
+    matched_states,
+    peer_logits,
+    soup,
+)
 from graftopt.train.summary import read_csv
 
 from .conftest import make_net
@@ -75,6 +82,24 @@ def test_soup_is_the_mean_of_the_networks() -> None:
     assert mixed is not nets[0]
 
 
+def test_matched_soup_of_permuted_copies_is_the_network() -> None:
+    from graftopt.adapters.channels import channel_spaces
+    from graftopt.matching import permute
+
+    net = make_net(0)
+    spaces = channel_spaces(net)
+    g = torch.Generator().manual_seed(4)
+    state = net.state_dict()
+    copies = [state] + [
+        permute(spaces, state, [torch.randperm(n, generator=g) for n in spaces.sizes])
+        for _ in range(2)
+    ]
+    mixed = soup([net], matched_states(net, copies)).state_dict()
+    for k, v in state.items():
+        torch.testing.assert_close(mixed[k], v, msg=k)
+    assert any(not torch.allclose(soup([net], copies).state_dict()[k], v) for k, v in state.items())
+
+
 def test_same_init_starts_every_lane_from_lane_0(folder: Path) -> None:
     cfg = TrainConfig(
         model="cifar_resnet20", dataset="folder", data_dir=str(folder), in_chans=1, img_size=16,
@@ -98,7 +123,11 @@ def test_presets_set_defaults_and_flags_win() -> None:
     assert cfg.graft_every == 7
     paper = config_from_args(build_parser(PRESETS["paper"]).parse_args(["train"]))
     assert (paper.graft_rate, paper.graft_recalibrate, paper.same_init) == (1.0, 0, False)
-    assert paper.graft_A == 0.4 and paper.graft_every is None
+    assert paper.graft_A == 0.4 and paper.graft_every is None and not paper.graft_align
+    aligned = config_from_args(
+        build_parser(PRESETS["paper"]).parse_args(["train", "--graft-align"])
+    )
+    assert aligned.graft_align
 
 
 @pytest.mark.parametrize(
@@ -126,7 +155,7 @@ def test_options_train_and_resume_bit_for_bit(folder: Path, tmp_path: Path) -> N
     data = ["--dataset", "folder", "--data-dir", str(folder), "--in-chans", "1", "--epochs", "2"]
     opts = ["--graft-rate", "0.5", "--graft-recalibrate", "2", "--same-init", "--graft-start"]
     opts += ["4", "--distill-weight", "0.5", "--distill-T", "2", "--graft-optimizer-state"]
-    opts += ["reset", "--graft-rate-lr"]
+    opts += ["reset", "--graft-rate-lr", "--graft-align"]
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(["train", *data, *TINY, *opts, "--output", str(full)]) == 0
     assert main(["train", *data, *TINY, *opts, "--output", str(split), "--stop-after", "1"]) == 0

@@ -163,6 +163,13 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
         help="every peer (and baseline) starts from lane 0's initial weights",
     )
     g.add_argument(
+        "--graft-align",
+        action=argparse.BooleanOptionalAction,
+        default=_D.graft_align,
+        help="match each peer's filters to the host's (weight matching) before every blend: "
+        "for peers from different starts",
+    )
+    g.add_argument(
         "--distill-weight",
         type=float,
         default=_D.distill_weight,

@@ -75,6 +75,7 @@ class TrainConfig:
     graft_recalibrate: int = 0
     graft_optimizer_state: str = "keep"
     same_init: bool = True
+    graft_align: bool = False
     distill_weight: float = 0.0
     distill_T: float = 1.0
     # Epochs over which the distillation weight ramps up from 0: at full weight from the first
@@ -193,6 +194,7 @@ _ROUND_FIELDS = (
     "graft_recalibrate",
     "graft_optimizer_state",
     "same_init",
+    "graft_align",
     "distill_weight",
     "distill_warmup",
 )

@@ -33,6 +33,8 @@ from torch.optim import Optimizer
 
 import graftopt
 from graftopt import GraftOptimizer, RoundRecord, invalid_filters
+from graftopt.adapters.channels import channel_spaces
+from graftopt.matching import match_peer, permute
 from graftopt.recalibrate import frozen_norm_statistics, recalibrate_norms
 
 from . import ranks
@@ -202,6 +204,7 @@ def attach_grafting(
         "rate_by_lr": cfg.graft_rate_lr,
         "start": cfg.graft_start,
         "optimizer_state": cfg.graft_optimizer_state,
+        "align": cfg.graft_align,
     }
     grafted = [n for n in nets if n.grafted]
 
@@ -435,6 +438,14 @@ def soup(models: Sequence[nn.Module], states: Sequence[dict] | None = None) -> n
     return out
 
 
+def matched_states(model: nn.Module, states: Sequence[dict]) -> list[dict]:
+    """``states`` with every network's filters put in the first's order (weight matching), so
+    that their mean averages like with like; the networks' functions are unchanged."""
+    spaces = channel_spaces(model)
+    first = states[0]
+    return [first] + [permute(spaces, sd, match_peer(spaces, first, sd)) for sd in states[1:]]
+
+
 def evaluate_soups(
     nets: Sequence[Net],
     loader: Any,
@@ -445,6 +456,8 @@ def evaluate_soups(
 ) -> dict[str, tuple[float, float]]:
     """Top-1 and top-5 (%) of the soup of each kind of two or more networks, its norm
     statistics re-estimated from ``--soup-recalibrate`` training batches (0: kept as mixed).
+    With ``--graft-align`` the grafted networks' filters are matched to the first's before
+    they are averaged.
 
     Under torchrun every rank gathers every lane's weights (in lane order, on the CPU) and
     computes the same soups as one process does.
@@ -461,6 +474,8 @@ def evaluate_soups(
     for kind, members in kinds.items():
         if len(states[kind]) < 2 or not members:
             continue
+        if cfg.graft_align and kind == "grafted":
+            states[kind] = matched_states(members[0].model, states[kind])
         model = soup(
             [members[0].model], [{n: t.to(device) for n, t in sd.items()} for sd in states[kind]]
         )
@@ -554,6 +569,8 @@ def recipe_line(cfg: TrainConfig, spec: DataSpec, steps: int, every: int) -> str
     ]
     if cfg.same_init:
         extras.append("same init")
+    if cfg.graft_align:
+        extras.append("filters matched")
     if cfg.distill_weight:
         extras.append(f"distill {cfg.distill_weight} T={cfg.distill_T}")
     shape = f"{spec.in_chans}x{spec.img_size}x{spec.img_size}"
