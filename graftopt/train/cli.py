@@ -302,31 +302,23 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_run(args: argparse.Namespace, cfg: TrainConfig, ctx: DistributedContext | None) -> int:
-    from .checkpoint import find_checkpoint, load_checkpoint
     from .loop import train
-    from .ranks import agree, resume_epoch
+    from .world import world_of
 
+    world = world_of(ctx)
     state = None
     if cfg.resume is not None:
-        resumed = Path(cfg.resume)
         given_output = cfg.output
-        if ctx is None:
-            folder = find_checkpoint(resumed).parent
-            state = load_checkpoint(resumed)
-        else:
-            folder = resumed if resumed.is_dir() else resumed.parent
-            epoch = resume_epoch(ctx, folder)
-            state = agree(ctx, lambda: load_checkpoint(folder, ctx.rank, epoch))
+        folder, state = world.resume(Path(cfg.resume))
         cfg = merge_resumed(state["config"], cfg, getattr(args, "explicit", None))
         cfg.output = given_output or str(folder)
     result = train(cfg, resume_state=state, ctx=ctx)
-    if ctx is not None and ctx.rank != 0:
+    if not world.lead:
         return 0  # rank 0 prints the table and writes the plots
     if not result.complete:
-        launch = "torchrun ... -m graftopt.train" if ctx is not None else "graftopt train"
         print(
             f"stopped after epoch {result.epochs_done} of {cfg.epochs}; continue with "
-            f"{launch} --resume {result.output}"
+            f"{world.launch} --resume {result.output}"
         )
         return 0
     print()

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import timm
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -37,22 +36,19 @@ from graftopt.adapters.channels import channel_spaces
 from graftopt.matching import match_peer, permute
 from graftopt.recalibrate import frozen_norm_statistics, recalibrate_norms
 
-from . import ranks
 from .checkpoint import (
     CHECKPOINT,
     atomic_write_text,
     get_rng_state,
-    prune_rank_checkpoints,
-    rank_checkpoint_name,
     rank_files,
     remove_stale_writes,
-    save_checkpoint,
     set_rng_state,
 )
 from .config import TrainConfig, diverse_lr
 from .data import DataSpec, build_data, eval_loader, train_loader
 from .progress import Progress
 from .summary import ALPHA_FIELDS, METRIC_FIELDS, format_table, summarize, write_csv
+from .world import OneProcess, World, world_of
 
 if TYPE_CHECKING:
     from graftopt.distributed import DistributedContext
@@ -101,29 +97,6 @@ class RunResult:
 
 def _seed(*words: int) -> int:
     return int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def resolve_device(name: str, ctx: DistributedContext | None = None) -> torch.device:
-    """The device of ``--device``; under torchrun, the rank's own (``cuda:LOCAL_RANK`` or CPU)."""
-    if ctx is not None:
-        resolve_device(name)  # still refuse --device cuda where there is no CUDA
-        if name not in ("auto", "cpu", "cuda"):
-            raise ValueError(
-                f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK (or the CPU); "
-                "pass --device auto, cuda or cpu"
-            )
-        return ctx.device
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a device: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "--device cuda was asked for but CUDA is not available here; use --device cpu"
-        )
-    return device
 
 
 def check_model(name: str) -> None:
@@ -181,7 +154,7 @@ def attach_grafting(
     nets: Sequence[Net],
     cfg: TrainConfig,
     every: int,
-    ctx: DistributedContext | None = None,
+    world: World | None = None,
     spec: DataSpec | None = None,
 ) -> None:
     """Wrap the grafted networks' optimizers in the paper's ring (network i grafts from i-1).
@@ -193,6 +166,7 @@ def attach_grafting(
     """
     if not cfg.graft:
         return
+    world = world if world is not None else OneProcess()
     settings: dict[str, Any] = {
         "A": cfg.graft_A,
         "c": cfg.graft_c,
@@ -220,20 +194,7 @@ def attach_grafting(
 
         return graftopt.Recalibration(data, count)
 
-    if ctx is not None:
-        for net in grafted:
-            net.optimizer = GraftOptimizer(
-                net.optimizer,
-                peers=ctx.ring_peers(),
-                every=every,
-                model=net.model,
-                **settings,
-                recalibrate=recalibration(net),
-            )
-        return
-    opts = graftopt.ring(
-        [n.model for n in grafted], [n.optimizer for n in grafted], every=every, **settings
-    )
+    opts = world.graft([n.model for n in grafted], [n.optimizer for n in grafted], every, settings)
     for net, opt in zip(grafted, opts, strict=True):
         net.optimizer = opt
         opt.recalibrate = recalibration(net)
@@ -388,13 +349,14 @@ def evaluate(
     loader: Any,
     cfg: TrainConfig,
     device: torch.device,
-    ctx: DistributedContext | None = None,
+    world: World | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Top-1 and top-5 (%) of each network and of the ensembles (mean softmax) per kind.
 
     Under torchrun the ensembles take every rank's probabilities (gathered per batch, in lane
     order, as the one-process run stacks them), so every rank gets the same ensemble figures.
     """
+    world = world if world is not None else OneProcess()
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = _autocast(device, cfg.amp)
     for net in nets:
@@ -414,9 +376,7 @@ def evaluate(
         for kind, members in kinds.items():
             if members:
                 stacked = torch.stack([probs[n.name] for n in members])
-                if ctx is not None:
-                    stacked = ranks.gather_lanes(ctx, stacked)
-                mean = stacked.mean(0)
+                mean = world.gather_lanes(stacked).mean(0)
                 correct[f"ensemble_{kind}"] += _correct(mean, y)
         seen += len(y)
     return {name: tuple((100.0 * c / seen).tolist()) for name, c in correct.items()}  # type: ignore[misc]
@@ -452,7 +412,7 @@ def evaluate_soups(
     cfg: TrainConfig,
     device: torch.device,
     spec: DataSpec,
-    ctx: DistributedContext | None = None,
+    world: World | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Top-1 and top-5 (%) of the soup of each kind of two or more networks, its norm
     statistics re-estimated from ``--soup-recalibrate`` training batches (0: kept as mixed).
@@ -467,9 +427,9 @@ def evaluate_soups(
         k: [{n: t.cpu() for n, t in m.model.state_dict().items()} for m in members]
         for k, members in kinds.items()
     }
-    if ctx is not None:
-        gathered = ranks.all_gather(ctx, states)
-        states = {k: [sd for part in gathered for sd in part[k]] for k in states}
+    world = world if world is not None else OneProcess()
+    gathered = world.all_gather(states)
+    states = {k: [sd for part in gathered for sd in part[k]] for k in states}
     soups = {}
     for kind, members in kinds.items():
         if len(states[kind]) < 2 or not members:
@@ -605,14 +565,13 @@ def train(
     """
     cfg.validate()
     check_model(cfg.model)
-    if ctx is not None:
-        ranks.check_world(cfg, ctx)
-    lead = ctx is None or ctx.rank == 0
+    world = world_of(ctx)
+    world.check(cfg)
+    lead = world.lead
     if progress is None:
         progress = Progress(cfg.progress if lead else "off", cfg.log_interval)
-    out = Path(cfg.output) if cfg.output else default_output(cfg)
-    if ctx is not None:
-        out = Path(ranks.broadcast(ctx, str(out)))  # one folder, named by rank 0's clock
+    # One folder for all ranks, named by rank 0's clock.
+    out = Path(world.broadcast(cfg.output or str(default_output(cfg))))
     cfg.output = str(out)
 
     def prepare() -> tuple[torch.device, DataSpec]:
@@ -621,36 +580,29 @@ def train(
                 f"{out} already holds a run: continue it with --resume {out}, "
                 "or choose another --output"
             )
-        if resume_state is not None and ctx is not None:
-            _check_rank_state(resume_state, ctx)
+        if resume_state is not None:
+            world.check_resumed(resume_state)
         _check_writable(out)
         # What a killed write left behind: each rank its own checkpoint, the lead the rest.
-        mine = [CHECKPOINT] if ctx is None else [rank_checkpoint_name(ctx.rank, "*")]
-        remove_stale_writes(out, mine + (_LEAD_FILES if lead else []))
-        device = resolve_device(cfg.device, ctx)
+        remove_stale_writes(out, world.own_checkpoints() + (_LEAD_FILES if lead else []))
+        device = world.device(cfg.device)
         pretrained = timm.models.get_pretrained_cfg(cfg.model)
         return device, build_data(cfg, pretrained.to_dict() if pretrained is not None else {})
 
     # A rank that fails here alone (its data or checkpoint missing) makes every rank fail.
-    device, spec = ranks.agree(ctx, prepare)
+    device, spec = world.agree(prepare)
     random_seed(cfg.seed)
     steps = len(spec.train) // cfg.batch_size  # type: ignore[arg-type]
     every = cfg.graft_every or steps
-    lanes = [ctx.peer] if ctx is not None else list(range(cfg.peers))
+    lanes = world.lanes(cfg)
     nets = build_nets(cfg, spec, device, lanes)
-    if ctx is not None and cfg.distill_weight > 0:
-        raise ValueError(
-            "--distill-weight under torchrun: the peers' predictions would have to cross ranks "
-            "every step, which graftopt train does not do; distil in one process"
-        )
-    attach_grafting(nets, cfg, every, ctx, spec)
+    attach_grafting(nets, cfg, every, world, spec)
     attach_schedulers(nets, cfg, steps)
 
     epoch0, rows, alpha_rows = 0, [], []
     if resume_state is not None:
-        epoch0, rows, alpha_rows = ranks.agree(ctx, lambda: _restore(nets, resume_state))
-    if ctx is not None:
-        _check_same_epoch(ctx, epoch0)
+        epoch0, rows, alpha_rows = world.agree(lambda: _restore(nets, resume_state))
+    world.check_epoch(epoch0)
     if lead and resume_state is not None:
         # The CSVs of a run killed after its last checkpoint may hold an epoch more.
         write_csv(out / "metrics.csv", METRIC_FIELDS, rows)
@@ -684,11 +636,9 @@ def train(
     if lead:
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     progress.write(recipe_line(cfg, spec, steps, every))
-    if ctx is not None:
-        progress.write(
-            f"torchrun: {ctx.world_size} processes, one peer each, on {device.type} "
-            f"({dist.get_backend()}); rank 0 writes the outputs"
-        )
+    about = world.describe(device)
+    if about is not None:
+        progress.write(about)
     progress.write(f"output: {out}")
     val = eval_loader(spec, cfg)
     stop = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, epoch0 + cfg.stop_after)
@@ -702,20 +652,19 @@ def train(
                 train_loader(spec, cfg, 0 if cfg.same_data_order else lane, epoch) for lane in lanes
             ]
             losses = train_epoch(nets, loaders, epoch, steps, cfg, device, progress)
-            acc = evaluate(nets, val, cfg, device, ctx)
+            acc = evaluate(nets, val, cfg, device, world)
             if epoch + 1 == cfg.epochs:
                 # The one model to ship: each kind's soup, after the last round.
-                acc.update(evaluate_soups(nets, val, cfg, device, spec, ctx))
+                acc.update(evaluate_soups(nets, val, cfg, device, spec, world))
             epoch_rows = _net_rows(nets, epoch, losses, acc)
             epoch_alphas = list(new_alphas)
             new_alphas.clear()
-            if ctx is not None:
-                epoch_rows, epoch_alphas = _merge_ranks(ctx, epoch_rows, epoch_alphas)
+            epoch_rows, epoch_alphas = world.merge(epoch_rows, epoch_alphas)
             rows.extend(epoch_rows)
             alpha_rows.extend(epoch_alphas)
             # The checkpoints first: the CSVs never run ahead of what a resume starts from.
-            state = _checkpoint_state(cfg, spec, nets, epoch + 1, rows, alpha_rows, ctx)
-            _save_epoch(out, state, epoch + 1, ctx)
+            state = _checkpoint_state(cfg, spec, nets, epoch + 1, rows, alpha_rows, world)
+            world.save(out, state, epoch + 1)
             if lead:
                 write_csv(out / "metrics.csv", METRIC_FIELDS, rows)
                 write_csv(out / "alphas.csv", ALPHA_FIELDS, alpha_rows)
@@ -754,68 +703,6 @@ def _holds_run(out: Path) -> bool:
     return (out / CHECKPOINT).exists() or bool(rank_files(out))
 
 
-def _save_epoch(
-    out: Path, state: dict[str, Any], epochs: int, ctx: DistributedContext | None
-) -> None:
-    """Save the checkpoint after ``epochs`` epochs; under torchrun as a set: each rank drops its
-    previous file only once every rank has written the new one."""
-    if ctx is None:
-        save_checkpoint(out / CHECKPOINT, state)
-        return
-    path = out / rank_checkpoint_name(ctx.rank, epochs)
-
-    def save() -> None:
-        try:
-            save_checkpoint(path, state)
-        except OSError as e:
-            raise ValueError(f"cannot save {path}: {e.strerror or e}") from None
-
-    ranks.agree(ctx, save)
-    prune_rank_checkpoints(out, ctx.rank, keep=epochs)
-
-
-def _merge_ranks(
-    ctx: DistributedContext, rows: list[dict[str, Any]], alphas: list[dict[str, Any]]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every rank's rows of one epoch, in the order the one-process run writes them.
-
-    Networks by lane (rank), then the ensembles (the same on every rank); alpha rows by round,
-    then lane, as the rounds of one process complete.
-    """
-    # Ensembles and soups are the same on every rank.
-    nets = [r for r in rows if r["kind"] not in ("ensemble", "soup")]
-    ensembles = [r for r in rows if r["kind"] in ("ensemble", "soup")]
-    gathered = ranks.all_gather(ctx, (nets, alphas))
-    merged = [r for rank_nets, _ in gathered for r in rank_nets]
-    keyed = [
-        ((a["round"], rank, i), a)
-        for rank, (_, alpha_rows) in enumerate(gathered)
-        for i, a in enumerate(alpha_rows)
-    ]
-    return merged + ensembles, [a for _, a in sorted(keyed, key=lambda t: t[0])]
-
-
-def _check_rank_state(state: dict[str, Any], ctx: DistributedContext) -> None:
-    saved = (state.get("rank"), state.get("world_size"))
-    if saved != (ctx.rank, ctx.world_size):
-        raise ValueError(
-            f"the checkpoint of rank {ctx.rank} says rank {saved[0]} of {saved[1]} processes; "
-            f"this job has {ctx.world_size}: resume with as many processes as the run had"
-        )
-
-
-def _check_same_epoch(ctx: DistributedContext, epoch: int) -> None:
-    epochs = ranks.all_gather(ctx, epoch)
-    if len(set(epochs)) > 1:
-        # A job stopped while the ranks were saving: the files are each whole, but of
-        # different epochs; grafting would pair the wrong steps (the handshake refuses it too).
-        raise ValueError(
-            "the ranks' checkpoints end at different epochs ("
-            + ", ".join(f"rank {r}: {e}" for r, e in enumerate(epochs))
-            + "); they cannot be resumed together"
-        )
-
-
 def _checkpoint_state(
     cfg: TrainConfig,
     spec: DataSpec,
@@ -823,9 +710,9 @@ def _checkpoint_state(
     epochs: int,
     rows: list,
     alpha_rows: list,
-    ctx: DistributedContext | None,
+    world: World,
 ) -> dict[str, Any]:
-    where = {} if ctx is None else {"rank": ctx.rank, "world_size": ctx.world_size}
+    where = world.checkpoint_fields()
     return {
         "config": cfg.to_dict(),
         "model_args": {"num_classes": spec.num_classes, "in_chans": spec.in_chans},
