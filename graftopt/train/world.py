@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from graftopt import GraftOptimizer, ring
+from graftopt import GraftOptimizer, PeerSource, ring
 from graftopt.distributed import DistributedContext
 
 from . import ranks
@@ -114,7 +114,17 @@ class World:
         settings: dict[str, Any],
     ) -> list[GraftOptimizer]:
         """The lanes' optimizers wrapped so that the networks graft in a ring."""
-        return ring(models, optimizers, every=every, **settings)
+        peers = self.ring_peers()
+        if peers is None:
+            return ring(models, optimizers, every=every, **settings)
+        return [
+            GraftOptimizer(opt, peers=peers(), every=every, model=m, **settings)
+            for m, opt in zip(models, optimizers, strict=True)
+        ]
+
+    def ring_peers(self) -> Callable[[], PeerSource] | None:
+        """A new source of this process's ring peer, or None when the ring is in-process."""
+        return None
 
     def describe(self, device: torch.device) -> str | None:
         """A line on the job's processes for the log, or None."""
@@ -227,17 +237,8 @@ class Torchrun(World):
     def gather_lanes(self, t: torch.Tensor) -> torch.Tensor:
         return ranks.gather_lanes(self.ctx, t)
 
-    def graft(
-        self,
-        models: Sequence[torch.nn.Module],
-        optimizers: Sequence[Optimizer],
-        every: int,
-        settings: dict[str, Any],
-    ) -> list[GraftOptimizer]:
-        return [
-            GraftOptimizer(opt, peers=self.ctx.ring_peers(), every=every, model=m, **settings)
-            for m, opt in zip(models, optimizers, strict=True)
-        ]
+    def ring_peers(self) -> Callable[[], PeerSource] | None:
+        return self.ctx.ring_peers
 
     def describe(self, device: torch.device) -> str | None:
         return (
