@@ -51,6 +51,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "paper-align": {**PRESETS["paper"], "graft_align": True},
     # graft-10 from independent starts, filters matched: does matching stand in for one start?
     "align-10": {**PRESETS["frequent"], "same_init": False, "graft_align": True},
+    "indep-10": {**PRESETS["frequent"], "same_init": False},  # align-10 without the matching
     "dml": {"graft": False, **DML},  # mutual distillation alone (weight ramped over epoch 1)
     "cultivation": {**GENTLE, **DML},  # gentle rounds + mutual distillation
 }

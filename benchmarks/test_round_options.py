@@ -80,3 +80,34 @@ def test_step_with_distillation(benchmark, weight, device):
     benchmark.group = "round options: one training iteration, cifar_resnet20 x 2, batch 32"
     benchmark.extra_info.update(impl=f"distill={weight}", device=describe(device))
     benchmark.pedantic(synced(run), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("model", ["cifar_resnet20", "resnet50"])
+@pytest.mark.parametrize("align", [False, True], ids=["plain", "matched"])
+def test_round_with_matching(benchmark, model, align, device):
+    """One round of a ring of 2 networks from different starts, with and without matching each
+    peer's filters to the host's first (weight matching)."""
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(timm.create_model(model, num_classes=10).to(device))
+    opts = graftopt.ring(
+        models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1, align=align
+    )
+    starts = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+
+    def restart():  # every timed round blends the two different starts again
+        for m, sd in zip(models, starts, strict=True):
+            m.load_state_dict(sd)
+
+    def run():
+        for o in opts:
+            o.step()
+
+    benchmark.group = f"round options: one round of {model}, ring of 2, filter matching"
+    benchmark.extra_info.update(impl=f"align={align}", device=describe(device))
+    try:
+        benchmark.pedantic(synced(run), setup=restart, rounds=3, warmup_rounds=1)
+    finally:
+        for o in opts:
+            o.close()
