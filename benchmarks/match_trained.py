@@ -21,6 +21,8 @@ import timm
 import torch
 
 import graftopt
+from graftopt.adapters.channels import channel_spaces
+from graftopt.matching import match_peer, permute
 from graftopt.train.checkpoint import load_checkpoint
 from graftopt.train.config import TrainConfig
 from graftopt.train.data import build_data, eval_loader
@@ -43,6 +45,26 @@ def top1(model: torch.nn.Module, loader) -> float:
     return 100.0 * right / seen
 
 
+def geometry(host: torch.nn.Module, peer: torch.nn.Module) -> str:
+    """Distance and dot product of the two weight sets (parameters), before and after matching."""
+    spaces = channel_spaces(host)
+    h, p = host.state_dict(), peer.state_dict()
+    moved = permute(spaces, p, match_peer(spaces, h, p))
+    names = [n for n, _ in host.named_parameters()]
+
+    def dist(q):
+        return sum(((h[n] - q[n]) ** 2).sum() for n in names).sqrt().item()
+
+    def dot(q):
+        return sum((h[n] * q[n]).sum() for n in names).item()
+
+    norm = sum((h[n] ** 2).sum() for n in names).sqrt().item()
+    return (
+        f"host norm {norm:.2f}; distance {dist(p):.2f} -> {dist(moved):.2f} matched; "
+        f"dot product {dot(p):.2f} -> {dot(moved):.2f} matched"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", default="output/accuracy_study/n6000-v5000-e10")
@@ -62,6 +84,7 @@ def main() -> None:
             m.load_state_dict(state["nets"][lane]["model"])
             nets.append(m)
         row = {"seed": seed, "network 0": top1(nets[0], loader), "network 1": top1(nets[1], loader)}
+        print(f"seed {seed}: {geometry(nets[1], nets[0])}", flush=True)
         for name, A, align in CASES:
             host = copy.deepcopy(nets[1])
             start = time.perf_counter()
