@@ -103,6 +103,21 @@ def test_torchrun_resumed_equals_one_process_run(data: list[str], tmp_path: Path
     assert "trained by torchrun over 2 processes" in proc.stderr
 
 
+def test_torchrun_with_filter_matching_equals_one_process_run(
+    data: list[str], tmp_path: Path
+) -> None:
+    """Matching runs on the tensors a rank receives: the same rounds as in one process."""
+    opts = [*data, "--epochs", "1", "--graft-align", "--no-same-init"]
+    one, ranks = tmp_path / "one", tmp_path / "ranks"
+    proc = _here([*opts, "--output", str(one), "--no-report"])
+    assert proc.returncode == 0, proc.stderr
+    proc = _torchrun([*opts, "--output", str(ranks), "--no-report"])
+    assert proc.returncode == 0, proc.stderr
+    assert "filters matched" in proc.stdout
+    for name in ("metrics.csv", "alphas.csv"):
+        assert (ranks / name).read_text() == (one / name).read_text(), name
+
+
 def test_torchrun_resume_without_a_common_epoch_fails_clearly(
     data: list[str], tmp_path: Path
 ) -> None:
