@@ -22,7 +22,7 @@ import torch
 
 import graftopt
 from graftopt.adapters.channels import channel_spaces
-from graftopt.matching import match_peer, permute
+from graftopt.matching import matched
 from graftopt.train.checkpoint import load_checkpoint
 from graftopt.train.config import TrainConfig
 from graftopt.train.data import build_data, eval_loader
@@ -49,7 +49,7 @@ def geometry(host: torch.nn.Module, peer: torch.nn.Module) -> str:
     """Distance and dot product of the two weight sets (parameters), before and after matching."""
     spaces = channel_spaces(host)
     h, p = host.state_dict(), peer.state_dict()
-    moved = permute(spaces, p, match_peer(spaces, h, p))
+    moved = matched(spaces, h, p)
     names = [n for n, _ in host.named_parameters()]
 
     def dist(q):

@@ -22,7 +22,7 @@ from . import functional as F
 from .adapters.base import TensorRefs, Unit, tensor_table
 from .diagnostics import RoundRecord
 from .kernels import cpu
-from .matching import ChannelSpaces, match_peer, permute
+from .matching import ChannelSpaces, matched
 from .peers import PeerSource
 
 __all__ = ["Blend", "GraftSettings", "Grafter", "RoundPlan", "check_rate"]
@@ -476,8 +476,7 @@ class Grafter:
         """``peer`` with its filters in the order that best matches the host's (new tensors
         where anything moved; the peer's own tensors are never written)."""
         h = dict(zip(self.names, host, strict=True))
-        p = dict(zip(self.names, peer, strict=True))
-        moved = permute(self.spaces, p, match_peer(self.spaces, h, p))
+        moved = matched(self.spaces, h, dict(zip(self.names, peer, strict=True)))
         return [moved[n] for n in self.names]
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ChannelSpaces", "linear_assignment", "match_peer", "permute"]
+__all__ = ["ChannelSpaces", "linear_assignment", "match_peer", "matched", "permute"]
 
 
 @dataclass(frozen=True)
@@ -204,3 +204,11 @@ def match_peer(
         if not changed:
             break
     return perms
+
+
+def matched(
+    spaces: ChannelSpaces, host: Mapping[str, Tensor], peer: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """``peer`` with its filters in the order that best matches ``host``'s (new tensors where
+    anything moved): :func:`permute` by :func:`match_peer`."""
+    return permute(spaces, peer, match_peer(spaces, host, peer))

@@ -46,8 +46,7 @@ _UNARY_NAMES = {
     "clone", "to", "float", "half", "bfloat16", "type_as", "abs", "neg", "exp", "sqrt", "square",
     "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-    "adaptive_max_pool2d", "adaptive_max_pool3d", "mul", "mul_", "div", "div_", "add", "add_",
-    "sub", "sub_",
+    "adaptive_max_pool2d", "adaptive_max_pool3d",
 }  # fmt: skip
 _BINARY = {
     operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
@@ -159,10 +158,9 @@ class _Value:
 
 class _Walk:
     def __init__(self, model: nn.Module, flow: Flow) -> None:
-        self.model, self.flow = model, flow
+        self.flow = flow
         self.modules = dict(model.named_modules())
-        self.params = dict(model.named_parameters())
-        self.tensors = {**dict(model.named_buffers()), **self.params}
+        self.tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
         self.sp = _Spaces()
         self.entries: list[tuple[str, int, list[int]]] = []  # (tensor, axis, layout)
         self.values: dict[fx.Node, _Value | str | None] = {}  # str: a loose tensor's name
@@ -175,9 +173,6 @@ class _Walk:
 
     def _value(self, arg) -> _Value | str | None:
         return self.values.get(arg) if isinstance(arg, fx.Node) else None
-
-    def _tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
-        return [n for n in node.all_input_nodes if not self.flow.is_shape(n)]
 
     def run(self) -> None:
         for node in self.flow.graph.nodes:
@@ -205,7 +200,7 @@ class _Walk:
             return self._module(node, self.modules[str(node.target)])
         target = node.target
         name = target if isinstance(target, str) else getattr(target, "__name__", "")
-        ins = self._tensor_inputs(node)
+        ins = self.flow.inputs(node)
         if len(ins) == 1 and isinstance(self._value(ins[0]), str) and name in _VIEWS:
             loose = self._value(ins[0])  # a 1-d scale reshaped to broadcast: still per channel
             if self.tensors[loose].dim() == 1:
@@ -235,7 +230,7 @@ class _Walk:
         raise _Unknown
 
     def _module(self, node: fx.Node, m: nn.Module) -> _Value | None:
-        ins = self._tensor_inputs(node)
+        ins = self.flow.inputs(node)
         v = self._value(ins[0]) if len(ins) == 1 else None
         if not isinstance(v, _Value):
             v = None

@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 import graftopt
 from graftopt import GraftOptimizer, RoundRecord, invalid_filters
 from graftopt.adapters.channels import channel_spaces
-from graftopt.matching import match_peer, permute
+from graftopt.matching import matched
 from graftopt.recalibrate import frozen_norm_statistics, recalibrate_norms
 
 from .checkpoint import (
@@ -48,7 +48,7 @@ from .config import TrainConfig, diverse_lr
 from .data import DataSpec, build_data, eval_loader, train_loader
 from .progress import Progress
 from .summary import ALPHA_FIELDS, METRIC_FIELDS, format_table, summarize, write_csv
-from .world import OneProcess, World, world_of
+from .world import ONE_PROCESS, World, world_of
 
 if TYPE_CHECKING:
     from graftopt.distributed import DistributedContext
@@ -154,7 +154,7 @@ def attach_grafting(
     nets: Sequence[Net],
     cfg: TrainConfig,
     every: int,
-    world: World | None = None,
+    world: World = ONE_PROCESS,
     spec: DataSpec | None = None,
 ) -> None:
     """Wrap the grafted networks' optimizers in the paper's ring (network i grafts from i-1).
@@ -166,7 +166,6 @@ def attach_grafting(
     """
     if not cfg.graft:
         return
-    world = world if world is not None else OneProcess()
     settings: dict[str, Any] = {
         "A": cfg.graft_A,
         "c": cfg.graft_c,
@@ -349,14 +348,13 @@ def evaluate(
     loader: Any,
     cfg: TrainConfig,
     device: torch.device,
-    world: World | None = None,
+    world: World = ONE_PROCESS,
 ) -> dict[str, tuple[float, float]]:
     """Top-1 and top-5 (%) of each network and of the ensembles (mean softmax) per kind.
 
     Under torchrun the ensembles take every rank's probabilities (gathered per batch, in lane
     order, as the one-process run stacks them), so every rank gets the same ensemble figures.
     """
-    world = world if world is not None else OneProcess()
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = _autocast(device, cfg.amp)
     for net in nets:
@@ -403,7 +401,7 @@ def matched_states(model: nn.Module, states: Sequence[dict]) -> list[dict]:
     that their mean averages like with like; the networks' functions are unchanged."""
     spaces = channel_spaces(model)
     first = states[0]
-    return [first] + [permute(spaces, sd, match_peer(spaces, first, sd)) for sd in states[1:]]
+    return [first] + [matched(spaces, first, sd) for sd in states[1:]]
 
 
 def evaluate_soups(
@@ -412,7 +410,7 @@ def evaluate_soups(
     cfg: TrainConfig,
     device: torch.device,
     spec: DataSpec,
-    world: World | None = None,
+    world: World = ONE_PROCESS,
 ) -> dict[str, tuple[float, float]]:
     """Top-1 and top-5 (%) of the soup of each kind of two or more networks, its norm
     statistics re-estimated from ``--soup-recalibrate`` training batches (0: kept as mixed).
@@ -427,7 +425,6 @@ def evaluate_soups(
         k: [{n: t.cpu() for n, t in m.model.state_dict().items()} for m in members]
         for k, members in kinds.items()
     }
-    world = world if world is not None else OneProcess()
     gathered = world.all_gather(states)
     states = {k: [sd for part in gathered for sd in part[k]] for k in states}
     soups = {}

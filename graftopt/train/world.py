@@ -30,7 +30,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 
-__all__ = ["OneProcess", "Torchrun", "World", "resolve_device", "world_of"]
+__all__ = ["ONE_PROCESS", "OneProcess", "Torchrun", "World", "resolve_device", "world_of"]
 
 T = TypeVar("T")
 Rows = list[dict[str, Any]]
@@ -247,6 +247,10 @@ class Torchrun(World):
         )
 
 
+# The world holds no state, so one instance serves every one-process run.
+ONE_PROCESS = OneProcess()
+
+
 def world_of(ctx: DistributedContext | None) -> World:
     """The world of a run: one process (``ctx`` None) or this rank of a torchrun job."""
-    return OneProcess() if ctx is None else Torchrun(ctx)
+    return ONE_PROCESS if ctx is None else Torchrun(ctx)
