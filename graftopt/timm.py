@@ -16,9 +16,12 @@ ranks are K different networks, each trained as a one-process run would train it
     optimizer = peers.create_optimizer_v2(model, loader_train, **optimizer_kwargs(cfg=args), ...)
 
 and ``torchrun --nproc-per-node K train.py ... --output out`` trains K grafted networks, each
-with its own log, checkpoints and summary under ``out/<experiment>/peer<p>``. One data-parallel
-replica per peer: each rank is a whole network (for K networks of D data-parallel replicas
-each, run ``graftopt train`` under torchrun).
+with its own log, checkpoints and summary under ``out/<experiment>/peer<p>``.
+
+For K networks of D data-parallel replicas each (``K * D`` ranks), ``setup(args, replicas=D)``
+and two more lines: ``dataset_train = peers.shard(dataset_train)`` after ``create_dataset``,
+and ``model = peers.prepare_distributed(task, device_ids=[device], ...)`` after timm's own
+``if args.distributed:`` block (both do nothing when ``replicas == 1``).
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2 as _timm_create_optimizer_v2
 from torch import nn
+from torch.utils.data import Dataset
 
-from .distributed import AllPeers, RingPeers
+from .distributed import AllPeers, RingPeers, peer_groups
 from .optimizer import GraftOptimizer
 
-__all__ = ["DEFAULTS", "EVERY", "TimmPeers", "setup"]
+__all__ = ["DEFAULTS", "EVERY", "Shard", "TimmPeers", "setup"]
 
 # The rounds of graftopt train's defaults (docs/accuracy.md): one start (setup's same_init),
 # the paper's full blend every EVERY updates. Recalibration is left to the caller: timm's
@@ -50,6 +54,7 @@ DEFAULTS: Mapping[str, Any] = {}
 EVERY = 10
 
 PEER = "{peer}"
+REPLICAS_ENV = "GRAFTOPT_REPLICAS"
 
 
 def _fail(message: str) -> None:
@@ -63,11 +68,17 @@ class TimmPeers:
     Attributes:
         peer: this rank's network, ``0..K-1``.
         num_peers: networks grafting together (the world size).
-        seed: the ``--seed`` the run was started with (``args.seed`` is now ``seed + peer``).
+        seed: the ``--seed`` the run was started with (``args.seed`` is now
+            ``seed + peer * replicas``).
         same_init: every peer starts from peer 0's initial weights (unless resumed).
         resumed: ``--resume`` was given (the weights come from each peer's checkpoint).
         timeout: seconds a rank waits for its peers at a round.
         grad_accum_steps: batches per optimizer update (``--grad-accum-steps``).
+        replicas: data-parallel ranks per network (D); rank ``peer * replicas + replica``.
+        replica: this rank's replica of its network, ``0..D-1`` (0 logs and saves).
+        graft_group: the ranks this one grafts with (replica ``replica`` of every peer;
+            ``None``: the world).
+        data_group: the replicas of this rank's network (``None`` when ``replicas == 1``).
     """
 
     peer: int
@@ -77,6 +88,38 @@ class TimmPeers:
     resumed: bool = False
     timeout: float = 300.0
     grad_accum_steps: int = 1
+    replicas: int = 1
+    replica: int = 0
+    graft_group: dist.ProcessGroup | None = None
+    data_group: dist.ProcessGroup | None = None
+
+    def shard(self, dataset: Dataset) -> Dataset:
+        """This replica's share of ``dataset`` (a :class:`Shard`; ``dataset`` itself when
+        ``replicas == 1``). Call it on timm's training set before ``create_loader``."""
+        if self.replicas == 1:
+            return dataset
+        return Shard(dataset, self.replicas, self.replica, seed=self.seed + self.peer)
+
+    def prepare_distributed(self, task: Any, **ddp_kwargs: Any) -> nn.Module:
+        """DDP over this network's replicas; returns the module to train (the script's ``model``).
+
+        ``task``: timm's task (its ``prepare_distributed`` gets ``process_group``) or a plain
+        module (wrapped in ``DistributedDataParallel``). With one replica, nothing is wrapped.
+        ``ddp_kwargs``: as for timm's ``task.prepare_distributed`` (``device_ids``,
+        ``broadcast_buffers``...); CPU device ids are dropped, as DDP wants.
+        """
+        prepare = getattr(task, "prepare_distributed", None)
+        ids = ddp_kwargs.get("device_ids")
+        if ids is not None and all(torch.device(d).type == "cpu" for d in ids):
+            ddp_kwargs["device_ids"] = None  # DDP takes device ids of accelerators only
+        if self.replicas > 1:
+            if prepare is not None:
+                prepare(process_group=self.data_group, **ddp_kwargs)
+            else:
+                task = nn.parallel.DistributedDataParallel(
+                    task, process_group=self.data_group, **ddp_kwargs
+                )
+        return task.get_trainable_module() if prepare is not None else task
 
     def create_optimizer_v2(
         self,
@@ -110,7 +153,9 @@ class TimmPeers:
             broadcast_weights(model)
         if topology not in ("ring", "all"):
             _fail(f"topology must be 'ring' or 'all', got {topology!r}")
-        source = (RingPeers if topology == "ring" else AllPeers)(timeout=self.timeout)
+        source = (RingPeers if topology == "ring" else AllPeers)(
+            self.graft_group, timeout=self.timeout
+        )
         optimizer = _timm_create_optimizer_v2(model, *args, **kwargs)
         # The host is named: timm's weight-decay groups reorder the parameters.
         wrapped = GraftOptimizer(
@@ -148,6 +193,43 @@ def broadcast_weights(model: nn.Module, src: int = 0) -> None:
         dist.broadcast(t.data, src)
 
 
+class Shard(Dataset):
+    """Replica ``replica`` of ``replicas``'s share of ``dataset``: every ``replicas``-th index of
+    one permutation drawn from ``seed``, padded by wrapping around (as ``DistributedSampler``
+    pads) so that every replica has ``ceil(len / replicas)`` samples and makes the same number
+    of steps. The replicas of a network pass the same ``seed`` and together cover the set.
+
+    The share is fixed for the run (the loader shuffles within it every epoch): timm's
+    ``create_loader`` builds its sampler itself and takes none. Attributes other than the
+    sample access (``transform``, ``reader``...) are the dataset's, so timm can set them.
+    """
+
+    def __init__(self, dataset: Dataset, replicas: int, replica: int, *, seed: int) -> None:
+        if not 0 <= replica < replicas:
+            _fail(f"replica {replica} is not one of 0..{replicas - 1}")
+        n = len(dataset)  # type: ignore[arg-type]
+        if n < replicas:
+            _fail(f"a training set of {n} samples cannot feed {replicas} replicas")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        total = -(-n // replicas) * replicas
+        order = torch.cat([order, order[: total - n]])
+        vars(self).update(dataset=dataset, indices=order[replica::replicas].tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "indices"):  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.dataset, name, value)
+
+
 def _experiment(args: argparse.Namespace, peer: int) -> str:
     """One experiment name for all peers (rank 0's), with this peer's folder under it."""
     name = [getattr(args, "experiment", "") or None]
@@ -161,50 +243,76 @@ def _experiment(args: argparse.Namespace, peer: int) -> str:
 def setup(
     args: argparse.Namespace,
     *,
+    replicas: int | None = None,
     same_init: bool = True,
     timeout: float = 300.0,
 ) -> TimmPeers:
-    """Make this torchrun rank one peer of a grafting run of timm's ``train.py``.
+    """Make this torchrun rank one peer (or one replica of a peer) of a grafting run of timm's
+    ``train.py``.
 
-    Call it right after ``utils.init_distributed_device(args)``. It changes ``args`` so that
-    the script trains this rank's network alone, as in one process:
+    Call it right after ``utils.init_distributed_device(args)``, on every rank. Rank
+    ``p * replicas + d`` is replica ``d`` of network ``p``; ``replicas`` defaults to the
+    environment's ``GRAFTOPT_REPLICAS`` (1 when unset), so one edited script runs any K x D.
+    It changes ``args`` so that timm's own distributed code (DDP over the world, its sampler,
+    ``reduce_tensor``, ``--dist-bn``), which would make the networks replicas of each other,
+    stays off, and the script trains this rank's network as a one-network run would:
 
-    - ``distributed`` off and ``world_size`` 1: no DDP over the peers (it would keep them
-      identical), the whole training set for each peer, its own metrics, its own norm
-      statistics (no ``--dist-bn``), and ``--lr-base`` scaled by one peer's batch;
-    - ``rank`` 0: every peer logs and saves its checkpoints, in
+    - ``distributed`` off and ``world_size`` ``replicas``: each network gets the whole
+      training set (split between its replicas by :meth:`TimmPeers.shard`), its own metrics
+      (replica 0's), its own norm statistics, and ``--lr-base`` scaled by one network's batch;
+    - ``rank`` ``d``: replica 0 of every network logs and saves its checkpoints, in
       ``<output>/<experiment>/peer<p>`` (one experiment name for all);
-    - ``seed`` becomes ``seed + p``, the seed timm gives rank ``p``: the peers draw different
-      data orders and augmentations (and, with ``same_init=False``, different initial weights);
-    - ``{peer}`` in ``--resume`` becomes ``p``: each peer resumes from its own checkpoint.
+    - ``seed`` becomes ``seed + p * replicas``, so that ``random_seed(args.seed, args.rank)``
+      gives this rank the seed timm gives it: the networks draw different data orders and
+      augmentations (and, with ``same_init=False``, different initial weights);
+    - ``{peer}`` in ``--resume`` becomes ``p``: each network resumes from its own checkpoint.
 
     Raises:
-        ValueError: outside torchrun, with fewer than two ranks, with ``--sync-bn``, or with
-            a ``--resume`` that names one checkpoint for all peers.
+        ValueError: outside torchrun, with fewer than two networks, a world size that is not
+            a multiple of ``replicas``, ``--sync-bn``, or a ``--resume`` that names one
+            checkpoint for all networks.
     """
     if not getattr(args, "distributed", False) or not dist.is_initialized():
         _fail("run train.py under torchrun with one process per peer (--nproc-per-node K >= 2)")
-    world, peer = dist.get_world_size(), dist.get_rank()
-    if world < 2:
-        _fail(f"grafting needs >= 2 peers, the torchrun world has {world}")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if replicas is None:
+        given = os.environ.get(REPLICAS_ENV, "1")
+        if not given.strip().isdigit():
+            _fail(f"{REPLICAS_ENV}={given!r} is not a number of replicas")
+        replicas = int(given)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        _fail(f"replicas must be an integer >= 1, got {replicas!r}")
+    if world % replicas:
+        _fail(f"the torchrun world of {world} ranks is not a multiple of replicas={replicas}")
+    num_peers = world // replicas
+    peer, replica = divmod(rank, replicas)
+    if num_peers < 2:
+        _fail(
+            f"grafting needs >= 2 peers, the torchrun world has {world} ranks "
+            f"({num_peers} x {replicas} replicas)"
+        )
     if getattr(args, "sync_bn", False):
         _fail("--sync-bn would synchronize norm statistics across peers: leave it off")
     resume = getattr(args, "resume", "") or ""
     if resume and PEER not in resume:
         _fail(
-            f"--resume {resume!r} names one checkpoint for all {world} peers: put {PEER} in the "
-            "path (for example out/EXP/peer{peer}/last.pth.tar)"
+            f"--resume {resume!r} names one checkpoint for all {num_peers} peers: put {PEER} in "
+            "the path (for example out/EXP/peer{peer}/last.pth.tar)"
         )
+    graft_group, data_group = peer_groups(num_peers, replicas)
     args.resume = resume.replace(PEER, str(peer))
     args.experiment = _experiment(args, peer)
     seed = int(args.seed)
-    args.seed = seed + peer
+    args.seed = seed + peer * replicas
     args.distributed = False
-    args.world_size = 1
-    args.rank = 0
+    args.world_size = replicas
+    args.rank = replica
     atexit.register(_leave)  # timm destroys the process group only when args.distributed is set
     accum = max(1, int(getattr(args, "grad_accum_steps", 1) or 1))
-    return TimmPeers(peer, world, seed, same_init, bool(args.resume), timeout, accum)
+    return TimmPeers(
+        peer, num_peers, seed, same_init, bool(args.resume), timeout, accum, replicas, replica,
+        graft_group, data_group,
+    )  # fmt: skip
 
 
 def _leave() -> None:

@@ -112,13 +112,54 @@ def test_three_peers_with_mixup_scaler_and_accumulation(tmp_path: Path) -> None:
     [
         (["--resume", "one/last.pth.tar"], "names one checkpoint for all 2 peers"),
         (["--sync-bn"], "--sync-bn"),
+        (["--replicas", "2"], "2 ranks (1 x 2 replicas)"),
     ],
-    ids=["resume-without-peer", "sync-bn"],
+    ids=["resume-without-peer", "sync-bn", "one-network-of-two-replicas"],
 )
 def test_setup_refuses(tmp_path: Path, args: list[str], message: str) -> None:
     proc = _script(tmp_path, *args)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def test_k_networks_of_d_replicas(tmp_path: Path) -> None:
+    """2 x 2 ranks: DDP over each network's replicas, grafting between the networks."""
+    args = ["--experiment", "kd", "--replicas", "2", "--graft-every", "4", "--model-ema"]
+    _ok(_script(tmp_path, *args, "--epochs", "2", procs=4))
+    for p in range(2):
+        folder = tmp_path / "kd" / f"peer{p}"
+        logs = [json.loads((folder / f"log{s}.json").read_text()) for s in ("", ".replica1")]
+        # Each replica takes half of the 48 samples: 3 updates of 8 per epoch, rounds every 4.
+        assert [log["samples"] for log in logs] == [[24, 24]] * 2
+        assert [log["rounds"] for log in logs] == [[4]] * 2
+        assert [log["seed"] for log in logs] == [42 + 2 * p] * 2  # rank p * 2 + d: seed + rank
+        ours = torch.load(folder / "final.pt", weights_only=True)
+        replica = torch.load(folder / "final.replica1.pt", weights_only=True)
+        assert ours.keys() == replica.keys()
+        for name, t in ours.items():
+            assert torch.equal(t, replica[name]), name  # rounds read identical replicas
+        assert (folder / "last.pth.tar").is_file()  # replica 0 saves
+    # A round of two makes them one network (alphas a and 1 - a); two updates later they differ.
+    a, b = (_peer(tmp_path, "kd", p)[1] for p in range(2))
+    assert not torch.equal(a["conv1.weight"], b["conv1.weight"])
+
+
+def test_shard_splits_the_set_between_replicas() -> None:
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.arange(10))
+    shards = [graftopt.timm.Shard(data, 3, d, seed=5) for d in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]  # padded as DistributedSampler pads
+    seen = [int(s[i][0]) for s in shards for i in range(len(s))]
+    assert sorted(set(seen)) == list(range(10))
+    assert len(seen) - len(set(seen)) == 2
+    again = graftopt.timm.Shard(data, 3, 1, seed=5)
+    assert again.indices == shards[1].indices  # the replicas of a network agree on the split
+    assert graftopt.timm.Shard(data, 3, 1, seed=6).indices != shards[1].indices
+    shards[0].transform = "t"  # timm's create_loader sets the dataset's transform
+    assert data.transform == "t" and shards[2].transform == "t"
+    with pytest.raises(ValueError, match="cannot feed 3 replicas"):
+        graftopt.timm.Shard(TensorDataset(torch.arange(2)), 3, 0, seed=0)
 
 
 def test_setup_outside_torchrun_is_refused() -> None:

@@ -3,9 +3,11 @@
 Written for the tests: timm's objects in timm's order (``init_distributed_device``,
 ``random_seed(seed, rank)``, ``ClassificationTask``, ``create_optimizer_v2``, a step scheduler,
 ``resume_task_checkpoint``, the task's EMA, ``NativeScaler``, mixup, ``--grad-accum-steps``,
-``CheckpointSaver`` on the primary rank), far shorter than timm's. The two graftopt lines are
+``CheckpointSaver`` on the primary rank), far shorter than timm's. The graftopt lines are
 marked. Run as ``torchrun --nproc-per-node K -m tests.timm_script --output OUT ...``; each peer
-also writes ``final.pt`` (its weights) and ``log.json`` (its rounds and samples) to its folder.
+also writes ``final.pt`` (its weights) and ``log.json`` (its rounds and samples) to its folder,
+replica ``d > 0`` of a peer (``--replicas D``, ``K * D`` ranks) ``final.replica<d>.pt`` and
+``log.replica<d>.json``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ parser.add_argument("--sync-bn", action="store_true")
 parser.add_argument("--graft-start", type=int, default=0)
 parser.add_argument("--graft-every", default="epoch")
 parser.add_argument("--device", default="cpu")
+parser.add_argument("--replicas", type=int, default=1)
 
 
 def _data(samples: int, seed: int) -> TensorDataset:
@@ -60,11 +63,12 @@ def _data(samples: int, seed: int) -> TensorDataset:
 def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = utils.init_distributed_device(args)
-    peers = graftopt.timm.setup(args)  # graftopt line 2
+    peers = graftopt.timm.setup(args, replicas=args.replicas)  # graftopt line 2
     utils.random_seed(args.seed, args.rank)
 
     model = create_model(args.model, num_classes=CLASSES, pretrained=False)
     train_set, val_set = _data(args.samples, 0), _data(24, 1)
+    train_set = peers.shard(train_set)  # graftopt line 3 (the data of K x D)
     sampler = DistributedSampler(train_set) if args.distributed else None
     shuffle = torch.Generator()
     loader = DataLoader(
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     model = task.get_trainable_module()
 
     rounds: list[int] = []
-    optimizer = peers.create_optimizer_v2(  # graftopt line 3, and the loader below
+    optimizer = peers.create_optimizer_v2(  # graftopt line 4, and the loader below
         model,
         loader,
         **optimizer_kwargs(cfg=args),
@@ -93,10 +97,17 @@ def main(argv: list[str] | None = None) -> None:
         task.setup_ema(decay=0.9)
         if args.resume:
             load_task_ema_checkpoint(task, args.resume)
+    if args.distributed:
+        task.prepare_distributed(device_ids=None)
+        model = task.get_trainable_module()
+    model = peers.prepare_distributed(task, device_ids=None)  # graftopt line 5 (DDP of K x D)
 
     saver = None
-    output_dir = utils.get_outdir(args.output, args.experiment)
+    # As timm's script: the primary rank (replica 0 of each peer) makes the folder; the other
+    # replicas write their test files there after training.
+    output_dir = os.path.join(args.output, args.experiment)
     if utils.is_primary(args):
+        output_dir = utils.get_outdir(args.output, args.experiment)
         saver = utils.CheckpointSaver(
             model=model,
             optimizer=optimizer,
@@ -121,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     if start_epoch:
         scheduler.step(start_epoch)
 
-    log_path = os.path.join(output_dir, "log.json")
+    suffix = "" if utils.is_primary(args) else f".replica{args.rank}"
+    log_path = os.path.join(output_dir, f"log{suffix}.json")
     log = {"rounds": [], "samples": []}
     if args.resume and os.path.exists(log_path):
         with open(log_path) as f:
@@ -167,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     log["seed"] = args.seed
     with open(log_path, "w") as f:
         json.dump(log, f)
-    torch.save(model.state_dict(), os.path.join(output_dir, "final.pt"))
+    weights = getattr(model, "module", model)  # unwrapped from DDP
+    torch.save(weights.state_dict(), os.path.join(output_dir, f"final{suffix}.pt"))
 
 
 if __name__ == "__main__":
