@@ -95,3 +95,61 @@ def test_peers_resnet50(benchmark, peers, impl, device):
     r = AllToAll(make_models("resnet50", peers + 1, device))
     group = "scaling: peers of one host (resnet50)"
     _time_host(benchmark, r, group, "resnet50", peers, impl, device, rounds=15)
+
+
+class KernelsOnly:
+    """The C kernels a round of one host and one plain peer needs, without the engine around
+    them: histograms of both models and the blend, either in two passes over all tensors (as a
+    round runs them) or in chunks of about ``MB`` megabytes, each chunk counted and blended
+    while it is in cache (what a fused round could reach)."""
+
+    MB = 4
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        from graftopt.kernels import cpu
+
+        hosts, peers = ([p.detach() for p in m.parameters()] for m in models)
+        chunks: list[list[int]] = [[]]
+        size = 0
+        for i, h in enumerate(hosts):
+            chunks[-1].append(i)
+            size += h.numel() * h.element_size()
+            if size >= self.MB * 1e6:
+                chunks.append([])
+                size = 0
+        self.chunks = [self._kernels(cpu, hosts, peers, c) for c in chunks if c]
+        self.whole = self._kernels(cpu, hosts, peers, list(range(len(hosts))))
+        self.hosts, self.peers = hosts, peers
+
+    @staticmethod
+    def _kernels(cpu, hosts, peers, idx):
+        h, p = [hosts[i] for i in idx], [peers[i] for i in idx]
+        hist = cpu.Histogram(h + p, [1] * (2 * len(idx)))
+        mix = cpu.Mix(h, h, [p], list(range(len(idx))), [0] * len(idx))
+        return hist, mix, torch.full((1, len(idx)), 0.5)
+
+    def two_passes(self) -> None:
+        hist, mix, alpha = self.whole
+        hist.run(10)
+        mix.run(alpha)
+
+    def chunked(self) -> None:
+        for hist, mix, alpha in self.chunks:
+            hist.run(10)
+            mix.run(alpha)
+
+    def floor(self) -> None:
+        torch._foreach_lerp_(self.hosts, self.peers, 0.5)
+
+
+@pytest.mark.parametrize("impl", ["two_passes", "chunked", "floor"])
+def test_kernels_resnet50(benchmark, impl, device):
+    """How far a round of one host and one plain peer could go on CPU: its kernels alone."""
+    from graftopt.kernels import cpu
+
+    if device.type != "cpu" or not cpu.available():
+        pytest.skip("the C kernels run on CPU")
+    r = KernelsOnly(make_models("resnet50", 2, device))
+    benchmark.group = "scaling: the kernels of one host and one plain peer (resnet50)"
+    benchmark.extra_info.update(model="resnet50", peers=1, impl=impl, device=describe(device))
+    benchmark.pedantic(getattr(r, impl), rounds=15, warmup_rounds=2)

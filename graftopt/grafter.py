@@ -127,9 +127,17 @@ class RoundPlan:
     scored_finite: list[Tensor | None]
 
 
-def _finite(tensors: Sequence[Tensor]) -> Tensor:
-    """bool ``(T,)`` on CPU: whether each tensor is free of NaN and Inf."""
-    probed = [t.device.type == "cpu" and t.dtype in cpu.DTYPES and cpu.dense(t) for t in tensors]
+def _probed(tensors: Sequence[Tensor]) -> list[bool]:
+    """Per tensor, whether the C finite probe reads it."""
+    return [t.device.type == "cpu" and t.dtype in cpu.DTYPES and cpu.dense(t) for t in tensors]
+
+
+def _finite(tensors: Sequence[Tensor], probe: cpu.Finite | None = None) -> Tensor:
+    """bool ``(T,)`` on CPU: whether each tensor is free of NaN and Inf (``probe``: the C probe
+    built for these tensors, when they all take it)."""
+    if probe is not None:
+        return probe.run()
+    probed = _probed(tensors)
     if all(probed):
         return cpu.finite(tensors)
     return torch.stack(
@@ -227,6 +235,8 @@ class Grafter:
         ]
         self._unscored_units = self._unit_of[self._unscored]
         self._scored_finite: list[Tensor | None] = []
+        # The finite probes of the tensors read last round, by layout (pointers included).
+        self._probes: dict[tuple, cpu.Finite | None] = {}
         # Blend destinations, reused from round to round on CPU: the one copy simultaneity
         # needs, without fresh allocations each round.
         self._out: list[Tensor | None] = [None] * len(self.names)
@@ -517,14 +527,23 @@ class Grafter:
         """bool ``(units,)`` on CPU: units whose tensors are finite in the host and in every
         peer, read before anything is blended."""
         ok = torch.ones(len(self.units), dtype=torch.bool)
-        for tensors, scored in zip([plan.host, *plan.peers], plan.scored_finite, strict=True):
+        layouts = [plan.key[0][1], *plan.key[1:]]  # see plan(): the models' layout keys
+        kept, self._probes = self._probes, {}
+        models = [plan.host, *plan.peers]
+        for tensors, scored, layout in zip(models, plan.scored_finite, layouts, strict=True):
             if scored is None:
                 idx, units = range(len(self.names)), self._unit_of
             else:
                 ok = torch.logical_and(ok, scored)
                 idx, units = self._unscored, self._unscored_units
-            if idx:
-                ok = ok.scatter_reduce(0, units, _finite([tensors[i] for i in idx]), "amin")
+            if not idx:
+                continue
+            sub = [tensors[i] for i in idx]
+            key = (layout, scored is None)
+            if key not in kept:
+                kept[key] = cpu.Finite(sub) if cpu.available() and all(_probed(sub)) else None
+            self._probes[key] = kept[key]
+            ok = ok.scatter_reduce(0, units, _finite(sub, kept[key]), "amin")
         return ok
 
     def per_tensor(self, unit_flags: Tensor) -> Tensor:

@@ -816,6 +816,17 @@ int graft_mix(int64_t ntensor, const int64_t *out_ptrs, const int64_t *host_ptrs
                         for (int64_t b = 0; b < len; b += 64)                                      \
                             __builtin_prefetch((const char *)(intptr_t)live[i] + b);               \
                 }                                                                                  \
+                if (j1 - j0 == 1 && npeer[j0] == 1) {                                              \
+                    /* one job on its own tensor and one peer: each value is read, then written   \
+                       in the same step, so the blend goes straight into the tensor */             \
+                    if (!skip[j0]) {                                                               \
+                        int64_t k = table_of[j0], rl = row_len[j0] > 0 ? row_len[j0] : numel[j0];  \
+                        const float *arow = (const float *)(intptr_t)tables[k] + col[j0];          \
+                        MIX((T *)(intptr_t)live[j0] + a, (const T *)(intptr_t)live[j0],            \
+                            peer_ptrs + j0 * maxm, 1, 1, arow, astride[k], rl, a, e);              \
+                    }                                                                              \
+                    continue;                                                                      \
+                }                                                                                  \
                 for (int64_t i = j0; i < j1; i++) {                                                \
                     if (skip[i]) continue;                                                         \
                     int64_t k = table_of[i], rl = row_len[i] > 0 ? row_len[i] : numel[i];          \

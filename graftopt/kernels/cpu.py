@@ -38,6 +38,7 @@ SOURCE_FILE = Path(__file__).with_name("cpu.c")
 
 __all__ = [
     "DTYPES",
+    "Finite",
     "GroupMix",
     "Histogram",
     "Mix",
@@ -322,22 +323,34 @@ def mix_into(
     return Mix(out, hosts, peers, offsets, row_len).run(alpha)
 
 
+class Finite:
+    """:func:`finite`'s argument arrays, built once for tensors of one layout (run it again while
+    they keep their layout and data pointers)."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.count = len(tensors)
+        self.ptrs = _addresses(tensors)
+        self.numel = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+        self.codes = torch.tensor([DTYPES[t.dtype] for t in tensors], dtype=torch.int32)
+
+    def run(self) -> Tensor:
+        """bool ``(T,)`` as :func:`finite` returns it."""
+        lib = library()
+        if lib is None:
+            raise RuntimeError("the graftopt C kernels are not available")
+        out = torch.empty(self.count, dtype=torch.uint8)
+        if self.count:
+            lib.graft_finite(
+                self.count, self.ptrs.data_ptr(), self.numel.data_ptr(), self.codes.data_ptr(),
+                out.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+        return out.bool()
+
+
 def finite(tensors: Sequence[Tensor]) -> Tensor:
     """bool ``(T,)``: per dense CPU tensor (dtype in :data:`DTYPES`), whether it holds no NaN or
     Inf."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the graftopt C kernels are not available")
-    out = torch.empty(len(tensors), dtype=torch.uint8)
-    if tensors:
-        ptrs = _addresses(tensors)
-        numel = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
-        codes = torch.tensor([DTYPES[t.dtype] for t in tensors], dtype=torch.int32)
-        lib.graft_finite(
-            len(tensors), ptrs.data_ptr(), numel.data_ptr(), codes.data_ptr(), out.data_ptr(),
-            torch.get_num_threads(),
-        )  # fmt: skip
-    return out.bool()
+    return Finite(tensors).run()
 
 
 class GroupMix:
