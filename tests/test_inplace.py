@@ -38,6 +38,13 @@ def _all_to_all(models, **kw):
     ]
 
 
+def _one_plain_peer(models, **kw):
+    """The README's usage: one host, one peer that no round writes (each set is one job)."""
+    host, peer = models[0], models[1]
+    opt = torch.optim.SGD(host.parameters(), lr=0.0)
+    return [GraftOptimizer(opt, [peer], every=1, model=host, **kw)]
+
+
 def _models(k, layout, dtype):
     nets = [make_net(s).to(dtype) for s in range(k)]
     if layout == "channels_last":
@@ -64,7 +71,7 @@ def _round(wiring, layout, dtype, level, monkeypatch, in_place, poison=None):
     return models, opts, used
 
 
-@pytest.mark.parametrize("wiring", [_ring, _all_to_all])
+@pytest.mark.parametrize("wiring", [_ring, _all_to_all, _one_plain_peer])
 @pytest.mark.parametrize("level", ["layer", "filter"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -180,6 +187,32 @@ def test_group_kernel_across_chunks_rows_and_sets(dtype):
                 alphas = [tables[h][j, columns[i] : columns[i] + n] for j in range(k - 1)]
             want = F.mix(before[h][i], ps, alphas, axis=axes[i])
             assert torch.equal(live[h][i], want), (h, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_kernel_one_job_sets_blend_straight_into_the_tensor(dtype):
+    g = torch.Generator().manual_seed(1)
+    shapes = [(7, 3000), (10001,), (1,), (0,), (1500, 3)]
+    live = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    peer = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    before, peer_before = [t.clone() for t in live], [q.clone() for q in peer]
+    table = torch.rand(1, 1510, generator=g)
+    columns, row_len = [0, 7, 8, 9, 10], [3000, 0, 0, 0, 3]
+    skip = torch.zeros(len(shapes), dtype=torch.bool)
+    skip[1] = True
+    n = len(shapes)
+    kernel = cpu.GroupMix(
+        live, [[q] for q in peer], [0] * n, columns, row_len, [[i] for i in range(n)]
+    )
+    kernel.run([table], skip)
+    for i, shape in enumerate(shapes):
+        if skip[i]:
+            assert torch.equal(live[i], before[i])
+            continue
+        axis = 0 if row_len[i] else None
+        alpha = table[0, columns[i] : columns[i] + shape[0]] if axis == 0 else table[0, columns[i]]
+        assert torch.equal(live[i], F.mix(before[i], [peer[i]], [alpha], axis=axis)), i
+    assert all(torch.equal(a, b) for a, b in zip(peer, peer_before, strict=True))  # only read
 
 
 def _changes():
