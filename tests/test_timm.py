@@ -123,9 +123,18 @@ def test_setup_refuses(tmp_path: Path, args: list[str], message: str) -> None:
 
 
 def test_k_networks_of_d_replicas(tmp_path: Path) -> None:
-    """2 x 2 ranks: DDP over each network's replicas, grafting between the networks."""
-    args = ["--experiment", "kd", "--replicas", "2", "--graft-every", "4", "--model-ema"]
-    _ok(_script(tmp_path, *args, "--epochs", "2", procs=4))
+    """2 x 2 ranks: DDP over each network's replicas, grafting between the networks, resumed
+    from each network's checkpoints on schedule."""
+    args = ["--replicas", "2", "--graft-every", "4", "--model-ema"]
+    _ok(_script(tmp_path, "--experiment", "kd", *args, "--epochs", "2", procs=4))
+    # The same run stopped after one epoch and resumed from each network's checkpoint.
+    _ok(_script(tmp_path, "--experiment", "kd1", *args, procs=4))
+    resume = str(tmp_path / "kd1" / "peer{peer}" / "last.pth.tar")
+    _ok(
+        _script(
+            tmp_path, "--experiment", "kd1", *args, "--epochs", "2", "--resume", resume, procs=4
+        )
+    )
     for p in range(2):
         folder = tmp_path / "kd" / f"peer{p}"
         logs = [json.loads((folder / f"log{s}.json").read_text()) for s in ("", ".replica1")]
@@ -142,6 +151,12 @@ def test_k_networks_of_d_replicas(tmp_path: Path) -> None:
     # A round of two makes them one network (alphas a and 1 - a); two updates later they differ.
     a, b = (_peer(tmp_path, "kd", p)[1] for p in range(2))
     assert not torch.equal(a["conv1.weight"], b["conv1.weight"])
+    for p in range(2):
+        (log, resumed), (ref_log, ref) = _peer(tmp_path, "kd1", p), _peer(tmp_path, "kd", p)
+        assert log["rounds"] == ref_log["rounds"] == [4]
+        assert log["steps"] == 6 and log["committed"] == 1
+        for name, value in ref.items():
+            torch.testing.assert_close(resumed[name], value, msg=f"peer {p}: {name}")
 
 
 def test_shard_splits_the_set_between_replicas() -> None:
