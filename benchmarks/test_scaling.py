@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import graftopt
+from graftopt.kernels import cpu
 
 from .common import Idle, Round, describe, make_models, synced
 
@@ -106,8 +107,6 @@ class KernelsOnly:
     MB = 4
 
     def __init__(self, models: list[nn.Module]) -> None:
-        from graftopt.kernels import cpu
-
         hosts, peers = ([p.detach() for p in m.parameters()] for m in models)
         chunks: list[list[int]] = [[]]
         size = 0
@@ -117,12 +116,12 @@ class KernelsOnly:
             if size >= self.MB * 1e6:
                 chunks.append([])
                 size = 0
-        self.chunks = [self._kernels(cpu, hosts, peers, c) for c in chunks if c]
-        self.whole = self._kernels(cpu, hosts, peers, list(range(len(hosts))))
+        self.chunks = [self._kernels(hosts, peers, c) for c in chunks if c]
+        self.whole = self._kernels(hosts, peers, list(range(len(hosts))))
         self.hosts, self.peers = hosts, peers
 
     @staticmethod
-    def _kernels(cpu, hosts, peers, idx):
+    def _kernels(hosts, peers, idx):
         h, p = [hosts[i] for i in idx], [peers[i] for i in idx]
         hist = cpu.Histogram(h + p, [1] * (2 * len(idx)))
         mix = cpu.Mix(h, h, [p], list(range(len(idx))), [0] * len(idx))
@@ -145,8 +144,6 @@ class KernelsOnly:
 @pytest.mark.parametrize("impl", ["two_passes", "chunked", "floor"])
 def test_kernels_resnet50(benchmark, impl, device):
     """How far a round of one host and one plain peer could go on CPU: its kernels alone."""
-    from graftopt.kernels import cpu
-
     if device.type != "cpu" or not cpu.available():
         pytest.skip("the C kernels run on CPU")
     r = KernelsOnly(make_models("resnet50", 2, device))

@@ -126,6 +126,12 @@ class RoundPlan:
     mixer: F.MixPlan
     scored_finite: list[Tensor | None]
 
+    @property
+    def layouts(self) -> list[_Key]:
+        """The layout key of the host and of each peer (``key`` is ``((settings, host layout,
+        slots), *peer layouts)``)."""
+        return [self.key[0][1], *self.key[1:]]
+
 
 def _probed(tensors: Sequence[Tensor]) -> list[bool]:
     """Per tensor, whether the C finite probe reads it."""
@@ -527,10 +533,9 @@ class Grafter:
         """bool ``(units,)`` on CPU: units whose tensors are finite in the host and in every
         peer, read before anything is blended."""
         ok = torch.ones(len(self.units), dtype=torch.bool)
-        layouts = [plan.key[0][1], *plan.key[1:]]  # see plan(): the models' layout keys
         kept, self._probes = self._probes, {}
         models = [plan.host, *plan.peers]
-        for tensors, scored, layout in zip(models, plan.scored_finite, layouts, strict=True):
+        for tensors, scored, layout in zip(models, plan.scored_finite, plan.layouts, strict=True):
             if scored is None:
                 idx, units = range(len(self.names)), self._unit_of
             else:

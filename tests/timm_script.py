@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         task.setup_ema(decay=0.9)
         if args.resume:
             load_task_ema_checkpoint(task, args.resume)
-    if args.distributed:
+    if args.distributed:  # timm's own DDP block, off after setup (it would span the networks)
         task.prepare_distributed(device_ids=None)
         model = task.get_trainable_module()
     model = peers.prepare_distributed(task, device_ids=None)  # graftopt line 5 (DDP of K x D)
