@@ -138,18 +138,15 @@ def _probed(tensors: Sequence[Tensor]) -> list[bool]:
     return [t.device.type == "cpu" and t.dtype in cpu.DTYPES and cpu.dense(t) for t in tensors]
 
 
-def _finite(tensors: Sequence[Tensor], probe: cpu.Finite | None = None) -> Tensor:
+def _finite(tensors: Sequence[Tensor], probe: cpu.Finite | None) -> Tensor:
     """bool ``(T,)`` on CPU: whether each tensor is free of NaN and Inf (``probe``: the C probe
-    built for these tensors, when they all take it)."""
+    built for these tensors when they all take it, else each is read on its own)."""
     if probe is not None:
         return probe.run()
-    probed = _probed(tensors)
-    if all(probed):
-        return cpu.finite(tensors)
     return torch.stack(
         [
             cpu.finite([t])[0] if p else t.isfinite().all().cpu()
-            for t, p in zip(tensors, probed, strict=True)
+            for t, p in zip(tensors, _probed(tensors), strict=True)
         ]
     )
 
