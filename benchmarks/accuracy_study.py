@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,32 @@ from graftopt.train.progress import Progress
 # Each configuration: the TrainConfig fields it sets on top of the recipe.
 GENTLE = {"same_init": True, "graft_rate": 0.5, "graft_recalibrate": 5}
 DML = {"distill_weight": 1.0, "distill_T": 1.0}
-CONFIGS: dict[str, dict[str, Any]] = {
-    "baseline": {"graft": False},  # K independent networks
+# The weight averages users already have, kept beside every network that trains alone:
+# timm's EMA (warm-up on) and SWA over the second half of the run. They read the weights and
+# draw no random number, so the networks train exactly as without them.
+AVERAGES = {"model_ema": 0.998, "swa_start": 5}
+
+
+def _long(k: int) -> dict[str, Any]:
+    """One network given the K networks' compute on one worker: K times the epochs."""
+    return {"graft": False, "peers": 1, "epochs": 10 * k, "model_ema": 0.998}
+
+
+def _data_parallel(k: int) -> dict[str, Any]:
+    """One network as K data-parallel replicas for the grafted runs' steps: global batch
+    K x 128 for K x 10 epochs, the learning rate scaled linearly with a warm-up over the first
+    tenth of the run (Goyal et al.'s rule)."""
+    return {
+        **_long(k),
+        "replicas": k,
+        "batch_size": 128 * k,
+        "lr": 0.1 * k,
+        "warmup_epochs": k,
+    }
+
+
+CONFIGS: dict[str, dict[str, Any] | Callable[[int], dict[str, Any]]] = {
+    "baseline": {"graft": False, **AVERAGES},  # K independent networks
     "paper": dict(PRESETS["paper"]),  # the authors' rounds
     "same-init": {"same_init": True},
     "recalibrate": {"graft_recalibrate": 5},
@@ -47,6 +72,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # Local averaging: one start, the plain mean every 10 steps (PAPA's period, the whole way).
     "avg-10": {"same_init": True, "graft_A": 0.0, "graft_every": 10},
     "graft-10": {"same_init": True, "graft_every": 10},  # avg-10 with the paper's alphas
+    # The defaults with an EMA of each grafted network: do they stack?
+    "graft-10-ema": {"same_init": True, "graft_every": 10, "model_ema": 0.998},
+    "long": _long,  # one network, K x the epochs on one worker
+    "dp": _data_parallel,  # one network, K data-parallel workers, the grafted runs' steps
     # The paper's rounds with each peer's filters matched to the host's first (weight matching).
     "paper-align": {**PRESETS["paper"], "graft_align": True},
     # graft-10 from independent starts, filters matched: does matching stand in for one start?
@@ -109,7 +138,8 @@ def recipe(args: argparse.Namespace, config: str, k: int, seed: int) -> TrainCon
     )
     # Every configuration is a change from the paper's rounds, whatever graftopt train's
     # defaults are.
-    for key, value in {**PRESETS["paper"], **CONFIGS[config]}.items():
+    change = CONFIGS[config]
+    for key, value in {**PRESETS["paper"], **(change(k) if callable(change) else change)}.items():
         setattr(cfg, key, value)
     if config == "start-1-epoch":
         cfg.graft_start = (args.train_subset or 60000) // cfg.batch_size

@@ -208,6 +208,40 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
         help="under torchrun: seconds a rank waits for its peers at a graft round before it "
         "stops with an error naming them",
     )
+    g = p.add_argument_group("what the same hardware does without grafting")
+    g.add_argument(
+        "--replicas",
+        type=_positive_int,
+        default=_D.replicas,
+        metavar="D",
+        help="train each network as D data-parallel replicas, simulated in one process: the "
+        "batch (-b, the global batch) is split into D chunks whose gradients are averaged, as "
+        "DDP computes them (default: %(default)s)",
+    )
+    g.add_argument(
+        "--model-ema",
+        type=float,
+        default=_D.model_ema,
+        metavar="DECAY",
+        help="keep timm's ModelEmaV3 of each network and evaluate it beside the network "
+        "(0: off; default: %(default)s)",
+    )
+    g.add_argument(
+        "--model-ema-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=_D.model_ema_warmup,
+        help="ramp the EMA decay up from 0 (timm's warm-up), needed in runs of a few "
+        "thousand steps",
+    )
+    g.add_argument(
+        "--swa-start",
+        type=int,
+        default=_D.swa_start,
+        metavar="EPOCH",
+        help="average each network's weights at the end of every epoch after this one "
+        "(torch.optim.swa_utils.AveragedModel, norm statistics re-estimated) and evaluate "
+        "the average beside it (default: off)",
+    )
     g = p.add_argument_group("device")
     g.add_argument("--device", default=_D.device, help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast")

@@ -85,6 +85,14 @@ class TrainConfig:
     diverse_lr: bool = False
     same_data_order: bool = False
     peer_timeout: float = 300.0  # torchrun runs: seconds a rank waits for its peers at a round
+    # What the same hardware would do without grafting (docs/accuracy.md compares them):
+    # each network as D data-parallel replicas, simulated in one process (DDP's gradients).
+    replicas: int = 1
+    model_ema: float = 0.0  # decay of timm's ModelEmaV3 kept beside each network (0: none)
+    # Short runs need the warm-up: a fixed decay near 1 keeps the random start for hundreds
+    # of steps.
+    model_ema_warmup: bool = True
+    swa_start: int | None = None  # epochs before each network's weights are averaged (SWA)
     # device
     device: str = "auto"
     amp: bool = False
@@ -119,9 +127,25 @@ class TrainConfig:
         for name, value in optional_positive.items():
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.peers < 2:
+        if self.peers < (2 if self.graft else 1):
             raise ValueError(
-                f"--peers must be >= 2 (grafting needs a peer to graft from), got {self.peers}"
+                f"--peers must be >= 2 (grafting needs a peer to graft from; --no-graft "
+                f"trains one network with --peers 1), got {self.peers}"
+            )
+        if self.replicas < 1 or self.batch_size % self.replicas:
+            raise ValueError(
+                f"--replicas must be >= 1 and divide --batch-size (each replica takes an equal "
+                f"share of the batch), got --replicas {self.replicas} with --batch-size "
+                f"{self.batch_size}"
+            )
+        if self.replicas > 1 and self.distill_weight:
+            raise ValueError("--replicas does not combine with --distill-weight; drop one")
+        if not 0.0 <= self.model_ema < 1.0:
+            raise ValueError(f"--model-ema is a decay in [0, 1) (0: off), got {self.model_ema}")
+        if self.swa_start is not None and not 0 <= self.swa_start < self.epochs:
+            raise ValueError(
+                f"--swa-start must lie in [0, --epochs) so that at least one epoch is "
+                f"averaged, got {self.swa_start} with --epochs {self.epochs}"
             )
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")

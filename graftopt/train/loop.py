@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import random_seed
+from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.swa_utils import AveragedModel
 
 import graftopt
 from graftopt import GraftOptimizer, RoundRecord, invalid_filters
@@ -78,12 +79,24 @@ class Net:
     alphas: list[float] = field(default_factory=list)  # this epoch's mean alpha per round
 
     peer: bool = False  # a peer of a run without rounds (--no-graft)
+    ema: ModelEmaV3 | None = None  # --model-ema
+    swa: AveragedModel | None = None  # --swa-start
+    average: str = ""  # "ema" or "swa": this Net is a view of another's average
 
     @property
     def kind(self) -> str:
-        if not self.grafted:
-            return "baseline"
-        return "peer" if self.peer else "grafted"
+        base = "baseline" if not self.grafted else "peer" if self.peer else "grafted"
+        return f"{self.average}_{base}" if self.average else base
+
+    def averages(self, swa_ready: bool) -> list[Net]:
+        """Views of this network's EMA and SWA models, to evaluate beside it."""
+        views = []
+        for tag, holder in (("ema", self.ema), ("swa", self.swa if swa_ready else None)):
+            if holder is not None:
+                view = Net(f"{tag}_{self.name}", self.lane, self.grafted, holder.module,
+                           self.optimizer, self.lr, peer=self.peer, average=tag)  # fmt: skip
+                views.append(view)
+        return views
 
 
 @dataclass
@@ -134,6 +147,42 @@ def build_nets(
             net.name = f"{net.kind}{lane}"
             nets.append(net)
     return nets
+
+
+def attach_averages(nets: Sequence[Net], cfg: TrainConfig) -> None:
+    """Give each network the weight averages users keep beside it: timm's EMA (as timm's
+    ``train.py --model-ema``) and torch's SWA (``swa_utils.AveragedModel``)."""
+    for net in nets:
+        if cfg.model_ema:
+            net.ema = ModelEmaV3(net.model, decay=cfg.model_ema, use_warmup=cfg.model_ema_warmup)
+        if cfg.swa_start is not None:
+            net.swa = AveragedModel(net.model)
+
+
+def replica_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    replicas: int,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> torch.Tensor:
+    """Gradients of ``replicas`` data-parallel replicas of ``model``, one process standing in
+    for DDP: each replica takes an equal chunk of the batch (its norm layers see that chunk
+    alone), the gradients are their mean, and the running statistics are replica 0's, which
+    DDP broadcasts before every forward. Returns the mean loss (detached)."""
+    saved: list[torch.Tensor] = []
+    total = torch.zeros((), device=x.device)
+    for j, (xc, yc) in enumerate(zip(x.chunk(replicas), y.chunk(replicas), strict=True)):
+        if j == 1:
+            saved = [b.detach().clone() for b in model.buffers()]
+        with autocast():
+            loss = F.cross_entropy(model(xc), yc) / replicas
+        loss.backward()
+        total += loss.detach().float()
+    with torch.no_grad():
+        for b, s in zip(model.buffers(), saved):
+            b.copy_(s)
+    return total
 
 
 def norm_batches(spec: DataSpec, cfg: TrainConfig, count: int, *words: int) -> list[torch.Tensor]:
@@ -296,15 +345,20 @@ def train_epoch(
                 y = y.to(device, non_blocking=True)
                 for net in lane_nets:
                     net.optimizer.zero_grad(set_to_none=True)
-                    with autocast():
-                        logits = net.model(x)
-                        loss = F.cross_entropy(logits, y)
-                        if id(net) in learns:
-                            teachers = peer_logits([s for s in students if s is not net], x)
-                            weight = distill_weight(cfg, updates, steps)
-                            loss = loss + weight * distill_loss(logits, teachers, cfg.distill_T)
-                    loss.backward()
+                    if cfg.replicas > 1:
+                        loss = replica_step(net.model, x, y, cfg.replicas, autocast)
+                    else:
+                        with autocast():
+                            logits = net.model(x)
+                            loss = F.cross_entropy(logits, y)
+                            if id(net) in learns:
+                                teachers = peer_logits([s for s in students if s is not net], x)
+                                weight = distill_weight(cfg, updates, steps)
+                                loss = loss + weight * distill_loss(logits, teachers, cfg.distill_T)
+                        loss.backward()
                     net.optimizer.step()
+                    if net.ema is not None:
+                        net.ema.update(net.model, step=updates)
                     if net.scheduler is not None:
                         net.scheduler.step_update(num_updates=updates)
                     totals[net.name] += loss.detach().float()
@@ -471,6 +525,8 @@ def _net_rows(
     for net in nets:
         coarse, fine = invalid_filters(net.model, 0.1), invalid_filters(net.model, 0.01)
         grafting = net.optimizer if isinstance(net.optimizer, GraftOptimizer) else None
+        if net.average:
+            grafting = None
         rows.append(
             {
                 "epoch": epoch + 1,
@@ -478,7 +534,7 @@ def _net_rows(
                 "kind": net.kind,
                 "lane": net.lane,
                 "lr": net.optimizer.param_groups[0]["lr"],
-                "train_loss": losses[net.name],
+                "train_loss": losses.get(net.name),
                 "top1": acc[net.name][0],
                 "top5": acc[net.name][1],
                 "graft_rounds": grafting.rounds if grafting else None,
@@ -593,6 +649,7 @@ def train(
     every = cfg.graft_every or steps
     lanes = world.lanes(cfg)
     nets = build_nets(cfg, spec, device, lanes)
+    attach_averages(nets, cfg)
     attach_grafting(nets, cfg, every, world, spec)
     attach_schedulers(nets, cfg, steps)
 
@@ -649,11 +706,19 @@ def train(
                 train_loader(spec, cfg, 0 if cfg.same_data_order else lane, epoch) for lane in lanes
             ]
             losses = train_epoch(nets, loaders, epoch, steps, cfg, device, progress)
-            acc = evaluate(nets, val, cfg, device, world)
+            swa_ready = cfg.swa_start is not None and epoch + 1 > cfg.swa_start
+            for net in nets:
+                if swa_ready and net.swa is not None:
+                    net.swa.update_parameters(net.model)
+                    # The average's own norm statistics, as swa_utils.update_bn gives them.
+                    batches = norm_batches(spec, cfg, cfg.soup_recalibrate or 20, 7, net.lane)
+                    recalibrate_norms(net.swa.module, batches)
+            evaluated = list(nets) + [v for n in nets for v in n.averages(swa_ready)]
+            acc = evaluate(evaluated, val, cfg, device, world)
             if epoch + 1 == cfg.epochs:
                 # The one model to ship: each kind's soup, after the last round.
                 acc.update(evaluate_soups(nets, val, cfg, device, spec, world))
-            epoch_rows = _net_rows(nets, epoch, losses, acc)
+            epoch_rows = _net_rows(evaluated, epoch, losses, acc)
             epoch_alphas = list(new_alphas)
             new_alphas.clear()
             epoch_rows, epoch_alphas = world.merge(epoch_rows, epoch_alphas)
@@ -720,6 +785,8 @@ def _checkpoint_state(
                 "model": n.model.state_dict(),
                 "optimizer": n.optimizer.state_dict(),
                 "scheduler": n.scheduler.state_dict() if n.scheduler is not None else None,
+                "ema": n.ema.state_dict() if n.ema is not None else None,
+                "swa": n.swa.state_dict() if n.swa is not None else None,
             }
             for n in nets
         },
@@ -741,5 +808,10 @@ def _restore(nets: Sequence[Net], state: dict[str, Any]) -> tuple[int, list, lis
         net.optimizer.load_state_dict(s["optimizer"])
         if net.scheduler is not None and s["scheduler"] is not None:
             net.scheduler.load_state_dict(s["scheduler"])
+        for holder, key in ((net.ema, "ema"), (net.swa, "swa")):
+            if holder is not None:
+                if s.get(key) is None:
+                    raise ValueError(f"the checkpoint has no {key.upper()} of {net.name}")
+                holder.load_state_dict(s[key])
     set_rng_state(state["rng"])
     return int(state["epoch"]), list(state["rows"]), list(state["alpha_rows"])

@@ -45,7 +45,11 @@ ENSEMBLES = {
     "soup_grafted": "soup of the grafted",
     "soup_peer": "soup of the peers",
 }
-KINDS = ("grafted", "peer", "baseline")
+KINDS = tuple(
+    f"{average}{kind}"
+    for average in ("", "ema_", "swa_")
+    for kind in ("grafted", "peer", "baseline")
+)
 
 
 def write_csv(
