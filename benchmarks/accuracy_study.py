@@ -103,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--table-only", action="store_true", help="print the table of finished runs")
+    p.add_argument(
+        "--versus",
+        action="store_true",
+        help="with --table-only: the equal-hardware table (each alternative beside the defaults)",
+    )
     args = p.parse_args(argv)
     if args.output is None:
         recipe_name = f"n{args.train_subset}-v{args.val_subset}-e{args.epochs}"
@@ -234,6 +239,81 @@ def table(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The rows of the equal-hardware table: (label, configuration, which of its figures).
+# A figure is a group of the run's summary ("peer", "ema_grafted", ...) or "ensemble_<kind>".
+VERSUS = (
+    ("one network (the baselines, each alone)", "baseline", "peer"),
+    ("one network + EMA", "baseline", "ema_peer"),
+    ("one network + SWA (second half)", "baseline", "swa_peer"),
+    ("ensemble of K independent networks", "baseline", "ensemble_peer"),
+    ("one network, K x the epochs, one worker", "long", "peer"),
+    ("the same + EMA", "long", "ema_peer"),
+    ("one network, K data-parallel workers", "dp", "peer"),
+    ("the same + EMA", "dp", "ema_peer"),
+    ("plain mean every 10 steps (avg-10)", "avg-10", "grafted"),
+    ("grafting, the defaults (graft-10)", "graft-10", "grafted"),
+    ("grafting, the defaults (graft-10)", "graft-10-ema", "grafted"),
+    ("the defaults + EMA", "graft-10-ema", "ema_grafted"),
+)
+
+
+def _figure(summary: dict[str, Any], what: str) -> float | None:
+    if what.startswith("ensemble_"):
+        net = summary["networks"].get(what)
+        return None if net is None else net["last_top1"]
+    group = summary["groups"].get(what)
+    return None if group is None else group["last"][0]
+
+
+def _hardware(cfg: TrainConfig, what: str, k: int) -> tuple[int, str]:
+    """Compute (network-epochs) and workers x steps of one row."""
+    steps = (cfg.train_subset or 60000) // cfg.batch_size * cfg.epochs
+    if cfg.replicas > 1:
+        return cfg.epochs, f"{cfg.replicas} x {steps}"
+    if what.endswith("grafted") or what.startswith("ensemble"):
+        return cfg.epochs * k, f"{k} x {steps}"
+    return cfg.epochs, f"1 x {steps}"
+
+
+def versus_table(args: argparse.Namespace) -> str:
+    """Every alternative beside the grafted networks, at its compute and hardware, with the
+    paired difference to the defaults (graft-10) seed by seed."""
+    lines = [
+        "| run | K | compute (network-epochs) | workers x steps | seeds | top-1 (mean ± std) "
+        "| − defaults (paired) | seeds above the defaults | per seed | wall min / run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in args.peers:
+        ref: dict[int, float] = {}
+        for config in ("graft-10", "graft-10-ema"):
+            for s in args.seeds:
+                r = finished(args, config, k, s)
+                if r is not None and s not in ref:
+                    ref[s] = r["groups"]["grafted"]["last"][0]
+        for label, config, what in VERSUS:
+            runs = {s: finished(args, config, k, s) for s in args.seeds}
+            got = {s: _figure(r, what) for s, r in runs.items() if r is not None}
+            got = {s: v for s, v in got.items() if v is not None}
+            if not got:
+                continue
+            cfg = recipe(args, config, k, args.seeds[0])
+            compute, hardware = _hardware(cfg, what, k)
+            paired = [got[s] - ref[s] for s in got if s in ref]
+            is_ref = config.startswith("graft-10") and what == "grafted"
+            diff = "" if is_ref or not paired else f"{statistics.fmean(paired):+.2f}"
+            if diff and len(paired) > 1:
+                diff += f" ± {statistics.stdev(paired):.2f}"
+            above = "" if is_ref or not paired else f"{sum(d > 0 for d in paired)}/{len(paired)}"
+            walls = [r["wall_s"] / 60 for r in runs.values() if r is not None and r.get("wall_s")]
+            wall = f"{statistics.fmean(walls):.1f}" if walls else ""
+            per_seed = " / ".join(f"{got[s]:.2f}" for s in sorted(got))
+            lines.append(
+                f"| {label} | {k} | {compute} | {hardware} | {len(got)} "
+                f"| {_ms(list(got.values()))} | {diff} | {above} | {per_seed} | {wall} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.table_only:
@@ -257,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"--- {config} K={k} seed={seed}", flush=True)
                     run_one(recipe(args, config, k, seed))
         print(f"(study time {(time.perf_counter() - start) / 60:.0f} min)")
-    text = table(args)
+    text = versus_table(args) if args.versus else table(args)
     print(f"\n{text}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

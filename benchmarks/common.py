@@ -55,7 +55,7 @@ class Round:
         self.models = models
         self.level = level
         inner = [Idle(m.parameters()) for m in models]
-        self.opts = graftopt.ring(models, inner, every=1, level=level)
+        self.opts = graftopt.ring(models, inner, same_init=False, every=1, level=level)
         self.units = self.opts[0].units
         tables = [graftopt.adapters.base.tensor_table(m) for m in models]
         names = [n for u in self.units for n in u.members]

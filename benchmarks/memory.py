@@ -29,7 +29,11 @@ def measure(name: str, k: int, level: str) -> dict[str, float | int | str]:
         torch.manual_seed(seed)
         models.append(timm.create_model(name, pretrained=False).eval())
     opts = graftopt.ring(
-        models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1, level=level
+        models,
+        [torch.optim.SGD(m.parameters(), lr=0.0) for m in models],
+        every=1,
+        level=level,
+        same_init=False,
     )
     tables = [graftopt.adapters.base.tensor_table(m) for m in models]
     names = [n for u in opts[0].units for n in u.members]

@@ -41,7 +41,11 @@ def test_round_with_recalibration(benchmark, batches, device):
     data = [x for x, _ in _batches(device, max(batches, 1))]
     kw = {"recalibrate": graftopt.Recalibration(data, batches)} if batches else {}
     opts = graftopt.ring(
-        models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1, **kw
+        models,
+        [torch.optim.SGD(m.parameters(), lr=0.0) for m in models],
+        every=1,
+        **kw,
+        same_init=False,
     )
 
     def run():
@@ -92,7 +96,11 @@ def test_round_with_matching(benchmark, model, align, device):
         torch.manual_seed(seed)
         models.append(timm.create_model(model, num_classes=10).to(device))
     opts = graftopt.ring(
-        models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1, align=align
+        models,
+        [torch.optim.SGD(m.parameters(), lr=0.0) for m in models],
+        every=1,
+        align=align,
+        same_init=False,
     )
     starts = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
 

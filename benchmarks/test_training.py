@@ -22,7 +22,7 @@ def _setup(every: int | None, device: torch.device):
         models.append(timm.create_model("cifar_resnet20", num_classes=10).to(device))
         opts.append(torch.optim.SGD(models[-1].parameters(), lr=0.05, momentum=0.9))
     if every is not None:
-        opts = graftopt.ring(models, opts, every=every)
+        opts = graftopt.ring(models, opts, same_init=False, every=every)
     g = torch.Generator().manual_seed(0)
     data = [
         (

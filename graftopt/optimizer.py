@@ -17,7 +17,7 @@ from .adapters import Adapter, Unit, get_adapter, unwrap
 from .adapters.base import validate_units
 from .adapters.channels import channel_spaces
 from .diagnostics import RoundRecord
-from .grafter import Grafter, GraftSettings, check_rate
+from .grafter import EVERY, Grafter, GraftSettings, check_rate
 from .peers import ModulePeers, PeerSource
 from .recalibrate import Recalibration
 from .rounds import Participant
@@ -117,6 +117,39 @@ def _infer_host(optimizer: Optimizer, peers: Sequence[nn.Module] | None) -> nn.M
     )
 
 
+def _state_chain(optimizer: Optimizer) -> list[Any]:
+    """The state of ``optimizer`` and of the optimizers it wraps (timm's Lookahead keeps
+    its slow weights, and the momentum, in its base optimizer's state)."""
+    chain, seen = [], set()
+    current: Any = optimizer
+    while isinstance(current, Optimizer) and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current.state)
+        current = next(
+            (getattr(current, n) for n in ("_base_optimizer", "base_optimizer", "optimizer")
+             if isinstance(getattr(current, n, None), Optimizer)),
+            None,
+        )  # fmt: skip
+    return chain
+
+
+def _refuse_sharded(model: nn.Module, who: str) -> None:
+    """Refuse a model whose parameters are DTensors (FSDP2's ``fully_shard``, tensor parallel):
+    a round reads and writes whole tensors, which a shard is not."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            raise ValueError(
+                f"{who} parameter {name!r} is a DTensor (FSDP2's fully_shard or tensor "
+                "parallel): a graft round reads and writes whole tensors, and sharded ones are "
+                "not supported. Graft unsharded models (DDP for data parallel: one peer's "
+                "replicas, see docs/distributed.md)"
+            )
+
+
 def _warn_ddp_over_peers(model: nn.Module | None, source: PeerSource) -> None:
     """Warn when the host is DDP over the very ranks it grafts from: its peers are replicas."""
     from torch.nn.parallel import DistributedDataParallel
@@ -156,7 +189,8 @@ class GraftOptimizer(Optimizer):
         optimizer: any ``torch.optim.Optimizer`` (SGD, AdamW, timm's, ...).
         peers: the models to graft from (``nn.Module``, possibly DDP- or compile-wrapped), or
             a :class:`~graftopt.peers.PeerSource`.
-        every: steps between rounds (>= 1).
+        every: steps between rounds (>= 1; default 10, the study's recipe: with peers that
+            start from the host's weights, see docs/accuracy.md).
         model: the host model; inferred when the optimizer holds exactly one model's
             parameters in module order (``SGD(model.parameters())``).
         A: amplitude of the alpha curve, in [0, 1] (default 0.4: alpha in (0.3, 0.7)).
@@ -187,10 +221,11 @@ class GraftOptimizer(Optimizer):
             :func:`graftopt.adapters.channels.channel_spaces`; the peer's function is
             unchanged). For peers that did not start from the same weights.
 
-    Example::
+    Example (peers that start from the host's weights, a round every 10 steps)::
 
+        peers = [copy.deepcopy(model) for _ in range(2)]  # trained elsewhere, side by side
         inner = SGD(model.parameters(), lr=0.1, momentum=0.9)
-        opt = GraftOptimizer(inner, peers=[m1, m2], every=390)
+        opt = GraftOptimizer(inner, peers=peers)
         for x, y in loader:
             opt.zero_grad()
             loss_fn(model(x), y).backward()
@@ -202,7 +237,7 @@ class GraftOptimizer(Optimizer):
         optimizer: Optimizer,
         peers: Sequence[nn.Module] | PeerSource,
         *,
-        every: int,
+        every: int = EVERY,
         model: nn.Module | None = None,
         A: float = _DEFAULT.A,
         c: float = _DEFAULT.c,
@@ -275,6 +310,10 @@ class GraftOptimizer(Optimizer):
             modules = None if isinstance(peers, PeerSource) else list(peers)
             host = _infer_host(optimizer, modules)
         self.model = host
+        _refuse_sharded(host, "the host's")
+        if not isinstance(peers, PeerSource):
+            for i, peer in enumerate(peers):
+                _refuse_sharded(unwrap(peer), f"peer {i}'s")
         self.adapter = adapter if adapter is not None else get_adapter(host)
         units = self.adapter.units(host)
         validate_units(host, units)
@@ -411,11 +450,17 @@ class GraftOptimizer(Optimizer):
 
     def _after_round(self, record: RoundRecord) -> None:
         """The host's own follow-up of a written round: optimizer state, norm statistics."""
-        if self.optimizer_state == "reset":
-            state = self.optimizer.state
-            for t in self._participant.grafter.live():
-                if t in state:
+        states = _state_chain(self.optimizer)
+        for t in self._participant.grafter.live():
+            for state in states:
+                if t not in state:
+                    continue
+                if self.optimizer_state == "reset":
                     del state[t]
+                elif "lookahead_slow_buff" in state[t]:
+                    # timm's Lookahead would pull the weights back towards its slow copy
+                    # and undo part of the round: the round is a sync point.
+                    state[t]["lookahead_slow_buff"].copy_(t)
         if self.recalibrate is not None:
             self.recalibrate(self.model, record.round)
 
@@ -588,14 +633,28 @@ class GraftOptimizer(Optimizer):
 
 
 def ring(
-    models: Sequence[nn.Module], optimizers: Sequence[Optimizer], *, every: int, **kwargs: Any
+    models: Sequence[nn.Module],
+    optimizers: Sequence[Optimizer],
+    *,
+    every: int = EVERY,
+    same_init: bool = True,
+    **kwargs: Any,
 ) -> list[GraftOptimizer]:
     """The paper's ring of k networks trained side by side: network i grafts from network i-1.
+
+    The defaults are the recipe docs/accuracy.md found to pay: every network starts from the
+    first one's weights and they graft every 10 steps. With the paper's alphas a full round
+    (``rate=1``) at k = 2 leaves the two networks equal (each one's alpha against the other is
+    one minus the other's): they train as one model. For k distinct networks (an ensemble,
+    error bars) use k >= 3 or ``rate < 1``.
 
     Args:
         models: k >= 2 models of one architecture.
         optimizers: one optimizer per model, holding that model's parameters.
-        every: steps between rounds.
+        every: steps between rounds (default 10).
+        same_init: copy the first model's parameters and buffers into the others first
+            (default); ``False`` keeps each model's own start, as the paper's code does (pair it
+            with ``every`` of about an epoch and ``align=True``, see docs/accuracy.md).
         **kwargs: any other :class:`GraftOptimizer` keyword (``A``, ``c``, ``level``, ...).
 
     Step the models in lockstep (one step each per iteration); a round's result does not
@@ -605,6 +664,17 @@ def ring(
         raise ValueError(f"ring() got {len(models)} models but {len(optimizers)} optimizers")
     if len(models) < 2:
         raise ValueError(f"ring() needs at least 2 models, got {len(models)}")
+    if same_init:
+        start = unwrap(models[0]).state_dict()
+        for i, m in enumerate(models[1:], 1):
+            try:
+                # In place: the optimizers keep the very tensors they were given.
+                unwrap(m).load_state_dict(start)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"ring(same_init=True) cannot copy model 0's weights into model {i}: "
+                    f"{str(e).splitlines()[0]} (models of one architecture are needed)"
+                ) from None
     return [
         GraftOptimizer(opt, [models[i - 1]], every=every, model=models[i], **kwargs)
         for i, opt in enumerate(optimizers)

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .distributed import AllPeers, RingPeers, peer_groups
+from .grafter import EVERY
 from .optimizer import GraftOptimizer
 
 __all__ = ["DEFAULTS", "EVERY", "Shard", "TimmPeers", "setup"]
@@ -51,7 +52,6 @@ __all__ = ["DEFAULTS", "EVERY", "Shard", "TimmPeers", "setup"]
 # train loader keeps persistent workers, and a second pass over it mid-epoch would reset the
 # training iterator.
 DEFAULTS: Mapping[str, Any] = {}
-EVERY = 10
 
 PEER = "{peer}"
 REPLICAS_ENV = "GRAFTOPT_REPLICAS"

@@ -71,7 +71,7 @@ def _reference(k: int, source: str) -> list[dict[str, torch.Tensor]]:
         models = [make_net(i) for i in range(k)]
         opts = [_sgd(m) for m in models]
         if source == "ring":
-            grafted = graftopt.ring(models, opts, every=EVERY)
+            grafted = graftopt.ring(models, opts, same_init=False, every=EVERY)
         else:
             grafted = [
                 GraftOptimizer(
@@ -372,3 +372,36 @@ if __name__ == "__main__":
     result = _train(ctx.rank, ctx.ring_peers)
     torch.save(result["state"], Path(sys.argv[1]) / f"{ctx.rank}.pt")
     ctx.close()
+
+
+FSDP2_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+import graftopt
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 3))
+sharded, plain = net(), net()
+fully_shard(sharded, mesh=init_device_mesh("cpu", (1,)))
+for host, peer in ((sharded, plain), (plain, sharded)):
+    try:
+        graftopt.GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.1), [peer], model=host)
+        print("accepted")
+    except ValueError as e:
+        print(e)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_models_are_refused_at_construction() -> None:
+    """A fully_shard model's DTensors would crash the round's kernels: refused up front."""
+    cmd = [sys.executable, "-c", FSDP2_SCRIPT % _free_port()]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and "accepted" not in proc.stdout, proc.stdout
+    assert lines[0].startswith("the host's parameter '0.weight' is a DTensor")
+    assert lines[1].startswith("peer 0's parameter '0.weight' is a DTensor")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("c_kernels")
 
 def _ring(models, **kw):
     opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models]
-    return graftopt.ring(models, opts, every=1, **kw)
+    return graftopt.ring(models, opts, same_init=False, every=1, **kw)
 
 
 def _all_to_all(models, **kw):

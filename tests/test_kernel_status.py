@@ -88,7 +88,8 @@ def test_ring_of_three_runs_rounds_on_the_torch_path(monkeypatch: pytest.MonkeyP
         opts = graftopt.ring(
             models, [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models],
             every=2,
-        )  # fmt: skip
+        same_init=False,
+    )  # fmt: skip
         g = torch.Generator().manual_seed(0)
         for _ in range(6):
             x, y = torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)

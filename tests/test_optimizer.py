@@ -279,7 +279,10 @@ def test_short_training_run_loss_falls():
     torch.manual_seed(0)
     models = [make_net(s) for s in range(2)]
     opts = graftopt.ring(
-        models, [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models], every=5
+        models,
+        [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models],
+        every=5,
+        same_init=False,
     )
     x, _ = _batch(123, n=64)
     score = x.mean((1, 2, 3))
@@ -417,7 +420,7 @@ def test_compiled_and_ddp_wrappers_are_unwrapped(nets):
 def _ring_run(stop_at: int | None, total: int = 9):
     models = [make_net(s) for s in range(2)]
     make = lambda ms: [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in ms]  # noqa: E731
-    opts = graftopt.ring(models, make(models), every=2)
+    opts = graftopt.ring(models, make(models), same_init=False, every=2)
     for i in range(total if stop_at is None else stop_at):
         for m, o in zip(models, opts):
             _train_step(m, o, i)
@@ -431,7 +434,7 @@ def _ring_run(stop_at: int | None, total: int = 9):
     fresh = [make_net(10 + s) for s in range(2)]
     for m, sd in zip(fresh, saved["models"]):
         m.load_state_dict(sd)
-    opts = graftopt.ring(fresh, make(fresh), every=2)
+    opts = graftopt.ring(fresh, make(fresh), same_init=False, every=2)
     for o, sd in zip(opts, saved["opts"]):
         o.load_state_dict(sd)
     for i in range(stop_at, total):
@@ -652,7 +655,7 @@ def _scaled_ring_run(overflow_at: dict[int, int], *, clip: bool = False, fused: 
     models = [make_net(0), make_net(1)]
     inners = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, fused=fused) for m in models]
     seen: list[list[int]] = [[], []]
-    opts = graftopt.ring(models, inners, every=3)
+    opts = graftopt.ring(models, inners, same_init=False, every=3)
     for p, opt in enumerate(opts):
         opt.callback = lambda r, p=p: seen[p].append(r.step)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in models]
@@ -675,7 +678,7 @@ def test_grad_scaler_without_overflow_trains_as_without_scaler(clip):
     models, _, seen, _ = _scaled_ring_run({}, clip=clip)
     ref_models = [make_net(0), make_net(1)]
     ref_inners = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in ref_models]
-    ref_opts = graftopt.ring(ref_models, ref_inners, every=3)
+    ref_opts = graftopt.ring(ref_models, ref_inners, same_init=False, every=3)
     for it in range(7):
         for model, opt in zip(ref_models, ref_opts, strict=True):
             _train_step(model, opt, it)
@@ -720,3 +723,61 @@ def test_load_state_dict_hooks_run(nets):
     opt.register_load_state_dict_post_hook(lambda o: calls.append(("post", o)))
     opt.load_state_dict(opt.state_dict())
     assert calls == [("pre", opt), ("post", opt)]
+
+
+# -- defaults: the study's recipe -----------------------------------------------------------
+
+
+def test_ring_defaults_are_one_start_and_rounds_every_10() -> None:
+    models = [make_net(i) for i in range(3)]
+    opts = graftopt.ring(models, [torch.optim.SGD(m.parameters(), lr=0.1) for m in models])
+    for m in models[1:]:
+        for (name, a), b in zip(models[0].state_dict().items(), m.state_dict().values()):
+            assert torch.equal(a, b), name
+    assert all(o.every == 10 for o in opts)
+    # The optimizers still hold the models' own tensors: the copy was in place.
+    for m, o in zip(models, opts, strict=True):
+        assert o.param_groups[0]["params"][0] is next(m.parameters())
+    for i in range(10):
+        for j, (m, o) in enumerate(zip(models, opts, strict=True)):
+            _train_step(m, o, seed=100 * j + i)
+    assert [o.rounds for o in opts] == [1, 1, 1]
+    host = make_net(0)
+    assert GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.1), [make_net(1)]).every == 10
+
+
+def test_ring_same_init_names_the_model_that_does_not_fit() -> None:
+    models = [make_net(0), make_net(1), nn.Sequential(nn.Linear(2, 2))]
+    with pytest.raises(ValueError, match="into model 2"):
+        graftopt.ring(models, [torch.optim.SGD(m.parameters(), lr=0.1) for m in models])
+
+
+@pytest.mark.parametrize("state", ["keep", "reset"])
+def test_lookahead_keeps_the_round(state: str) -> None:
+    """timm's Lookahead would pull the weights back towards its pre-round slow copy."""
+    from timm.optim import Lookahead
+
+    models = [make_net(0), make_net(1)]
+    inners = [Lookahead(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), k=2) for m in models]
+    opts = graftopt.ring(models, inners, every=3, same_init=False, optimizer_state=state)
+    for i in range(3):  # a Lookahead sync at step 2, the round at step 3
+        for j, (m, o) in enumerate(zip(models, opts, strict=True)):
+            _train_step(m, o, seed=10 * j + i)
+    assert opts[0].rounds == 1
+    # The pair is equal after a full round at K = 2 (to rounding) ...
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)
+    after = [_state(m) for m in models]
+    for m, inner in zip(models, inners, strict=True):
+        base = inner._base_optimizer.state
+        for p in m.parameters():
+            if state == "keep":
+                assert torch.equal(base[p]["lookahead_slow_buff"], p)
+            else:
+                assert p not in base
+    # ... and a Lookahead sync right after (no gradient step between) does not move it back.
+    for inner in inners:
+        inner.sync_lookahead()
+    for m, state_after in zip(models, after, strict=True):
+        for name, value in m.state_dict().items():
+            assert torch.equal(value, state_after[name]), name

@@ -112,7 +112,11 @@ def test_first_round_waits_for_start() -> None:
 def test_ring_with_start_runs_in_lockstep() -> None:
     models = [make_net(s) for s in range(3)]
     opts = graftopt.ring(
-        models, [torch.optim.SGD(m.parameters(), lr=0.01) for m in models], every=3, start=4
+        models,
+        [torch.optim.SGD(m.parameters(), lr=0.01) for m in models],
+        every=3,
+        start=4,
+        same_init=False,
     )
     for i in range(12):
         for m, o in zip(models, opts, strict=True):
@@ -268,7 +272,9 @@ def test_create_graft_optimizer_takes_a_peer_source() -> None:
 
 def test_a_failed_round_leaves_models_and_counters_usable(monkeypatch: pytest.MonkeyPatch) -> None:
     models = [make_net(s) for s in range(3)]
-    opts = graftopt.ring(models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1)
+    opts = graftopt.ring(
+        models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1, same_init=False
+    )
     source = opts[0].peers
     real = type(source).fetch
     calls = {"n": 0}
@@ -361,7 +367,10 @@ def test_l1_criterion_scores_by_mean_absolute_value() -> None:
 def test_peers_that_are_copies_of_the_host_warn_once() -> None:
     models = [make_net(0) for _ in range(3)]  # one start, and the same batches below
     opts = graftopt.ring(
-        models, [torch.optim.SGD(m.parameters(), lr=0.01) for m in models], every=1
+        models,
+        [torch.optim.SGD(m.parameters(), lr=0.01) for m in models],
+        every=1,
+        same_init=False,
     )
     with pytest.warns(RuntimeWarning, match="look like copies of it") as caught:
         for i in range(3):
@@ -370,7 +379,10 @@ def test_peers_that_are_copies_of_the_host_warn_once() -> None:
     assert len([w for w in caught if "copies" in str(w.message)]) == 3  # once per host
     different = [make_net(s) for s in range(3)]
     opts = graftopt.ring(
-        different, [torch.optim.SGD(m.parameters(), lr=0.01) for m in different], every=1
+        different,
+        [torch.optim.SGD(m.parameters(), lr=0.01) for m in different],
+        every=1,
+        same_init=False,
     )
     import warnings
 

@@ -46,7 +46,7 @@ def _run(order, wiring, iterations=6, every=2, **kw):
 
 
 def _ring(models, optimizers, every, **kw):
-    return graftopt.ring(models, optimizers, every=every, **kw)
+    return graftopt.ring(models, optimizers, same_init=False, every=every, **kw)
 
 
 def _all_to_all(models, optimizers, every, **kw):
@@ -70,7 +70,10 @@ def test_round_reads_pre_round_weights():
     a, b = make_net(0), make_net(1)
     expected_a, expected_b = ref_graft(a, [b]), ref_graft(b, [a])
     oa, ob = graftopt.ring(
-        [a, b], [torch.optim.SGD(m.parameters(), lr=0.0) for m in (a, b)], every=1
+        [a, b],
+        [torch.optim.SGD(m.parameters(), lr=0.0) for m in (a, b)],
+        every=1,
+        same_init=False,
     )
     oa.step()
     assert oa.rounds == 0  # waits for b's step
@@ -85,7 +88,10 @@ def test_round_reads_pre_round_weights():
 def test_a_whole_round_ahead_raises():
     a, b = make_net(0), make_net(1)
     oa, _ob = graftopt.ring(
-        [a, b], [torch.optim.SGD(m.parameters(), lr=0.0) for m in (a, b)], every=1
+        [a, b],
+        [torch.optim.SGD(m.parameters(), lr=0.0) for m in (a, b)],
+        every=1,
+        same_init=False,
     )
     oa.step()
     with pytest.raises(RuntimeError, match="lockstep"):
@@ -117,7 +123,10 @@ def test_a_late_peer_reads_the_round_step_weights():
     """A host that steps again while its round waits is read as it was at its round step."""
     a, b = make_net(0), make_net(1)
     oa, ob = graftopt.ring(
-        [a, b], [torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b)], every=2
+        [a, b],
+        [torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b)],
+        every=2,
+        same_init=False,
     )
     _step(a, oa, 0)
     _step(b, ob, 0)
@@ -139,7 +148,9 @@ def test_a_raising_warning_does_not_stall_the_group():
     models = [make_net(s) for s in range(3)]
     with torch.no_grad():
         models[0].fc.weight[0, 0] = float("nan")
-    opts = graftopt.ring(models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1)
+    opts = graftopt.ring(
+        models, [torch.optim.SGD(m.parameters(), lr=0.0) for m in models], every=1, same_init=False
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         for _ in range(2):

@@ -81,7 +81,7 @@ def test_round_across_ranks_equals_the_in_process_ring(runs: Path) -> None:
         m.load_state_dict(state)
         models.append(m)
     inners = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models]
-    for opt in graftopt.ring(models, inners, every=1, **graftopt.timm.DEFAULTS):
+    for opt in graftopt.ring(models, inners, same_init=False, every=1, **graftopt.timm.DEFAULTS):
         opt.step()
     for p, model in enumerate(models):
         after = _peer(runs, "one", p)[1]

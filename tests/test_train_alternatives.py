@@ -123,3 +123,20 @@ def test_bad_alternative_settings_are_one_line(
     assert main([*args, *flags, "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_a_run_without_rounds_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _write_folder(tmp_path / "data")
+    args = ["train", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "1", *ONE]
+    assert main([*args, "--graft-every", "50", "--output", str(tmp_path / "o")]) == 0
+    assert "warning: no graft round will run: 1 epochs x 6 steps" in capsys.readouterr().out
+
+
+def test_python_m_graftopt_is_the_command() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "graftopt", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "--model-ema" in proc.stdout, proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--source", choices=("ring", "all"), default="ring")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds (after one more)")
+    parser.add_argument(
+        "--all-reduce",
+        action="store_true",
+        help="also time the all-reduce of every gradient that DDP runs at each step",
+    )
     args = parser.parse_args(argv)
     ctx = init_from_env()
     if ctx is None:
@@ -47,6 +53,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{mb:.2f} MB received per round, median exchange {ex * 1e3:.1f} ms "
             f"({mb / ex:.0f} MB/s), confirmation {co * 1e3:.2f} ms over {len(runs)} rounds"
         )
+    if args.all_reduce:
+        grads = torch.cat([p.detach().flatten() for p in model.parameters()])
+        times = []
+        for _ in range(args.rounds + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(grads)
+            times.append(time.perf_counter() - start)
+        if ctx.rank == 0:
+            mb = grads.numel() * grads.element_size() / 1e6
+            ar = sorted(times[1:])[len(times[1:]) // 2]
+            print(
+                f"{args.model} all-reduce K={ctx.num_peers} {dist.get_backend()}: {mb:.2f} MB of "
+                f"gradients, median {ar * 1e3:.1f} ms over {args.rounds} steps"
+            )
     ctx.close()
 
 

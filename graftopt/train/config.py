@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from graftopt.grafter import GraftSettings
+from graftopt.grafter import EVERY, GraftSettings
 from graftopt.optimizer import OPTIMIZER_STATES
 
 __all__ = ["PRESETS", "RESUME_OVERRIDES", "TrainConfig", "diverse_lr", "merge_resumed"]
@@ -62,7 +62,7 @@ class TrainConfig:
     baseline: bool = False
     # Defaults from docs/accuracy.md: one start for all, the paper's blend every 10 steps
     # (the paper's rounds, once an epoch from independent starts: --graft-preset paper).
-    graft_every: int | None = 10
+    graft_every: int | None = EVERY
     graft_A: float = _DEFAULT.A
     graft_c: float = _DEFAULT.c
     graft_bins: int = _DEFAULT.bins

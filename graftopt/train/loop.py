@@ -690,6 +690,12 @@ def train(
     if lead:
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     progress.write(recipe_line(cfg, spec, steps, every))
+    if cfg.graft and cfg.epochs * steps < max(every, cfg.graft_start):
+        progress.write(
+            f"warning: no graft round will run: {cfg.epochs} epochs x {steps} steps = "
+            f"{cfg.epochs * steps} steps, fewer than --graft-every {every} (and --graft-start "
+            f"{cfg.graft_start}); lower --graft-every or train longer"
+        )
     about = world.describe(device)
     if about is not None:
         progress.write(about)

@@ -116,7 +116,7 @@ class World:
         """The lanes' optimizers wrapped so that the networks graft in a ring."""
         peers = self.ring_peers()
         if peers is None:
-            return ring(models, optimizers, every=every, **settings)
+            return ring(models, optimizers, same_init=False, every=every, **settings)
         return [
             GraftOptimizer(opt, peers=peers(), every=every, model=m, **settings)
             for m, opt in zip(models, optimizers, strict=True)
