@@ -6,7 +6,7 @@ import os
 import pickle
 import random
 import re
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,19 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
         raise ValueError(f"{p} is corrupt, truncated or empty: {e}") from None
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new file beside ``path`` with the permissions ``open()`` gives (the kernel applies
+    the umask: the process's umask is never changed, not even for a moment)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
 def _atomic(path: Path, write: Any) -> None:
     """Write through a temporary file in the same folder, then rename over ``path``.
 
@@ -65,12 +78,8 @@ def _atomic(path: Path, write: Any) -> None:
     new one, never a torn one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
-        # mkstemp creates the file private (0600); give it the permissions open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -37,6 +37,7 @@ from graftopt.adapters.channels import channel_spaces
 from graftopt.matching import matched
 from graftopt.recalibrate import frozen_norm_statistics, recalibrate_norms
 
+from . import runlock
 from .checkpoint import (
     CHECKPOINT,
     atomic_write_text,
@@ -607,6 +608,23 @@ def train(
 ) -> RunResult:
     """Run (or continue) a training run and write its outputs under ``cfg.output``.
 
+    The output folder is locked for the run (``runlock``): a second run on it is refused.
+    """
+    try:
+        return _train(cfg, progress, resume_state, ctx)
+    finally:
+        if cfg.output is not None:
+            runlock.release(Path(cfg.output))
+
+
+def _train(
+    cfg: TrainConfig,
+    progress: Progress | None,
+    resume_state: dict[str, Any] | None,
+    ctx: DistributedContext | None,
+) -> RunResult:
+    """The body of :func:`train`.
+
     Writes ``config.json``, ``metrics.csv`` (one row per network and epoch), ``alphas.csv``
     (per round, network and unit), ``checkpoint.pth`` after every epoch, and at the end
     ``summary.md`` / ``summary.json`` with the comparison table.
@@ -628,6 +646,10 @@ def train(
     cfg.output = str(out)
 
     def prepare() -> tuple[torch.device, DataSpec]:
+        # Before anything is written; torchrun's ranks are one run, under the lead's lock.
+        note = runlock.acquire(out) if lead else None
+        if note is not None:
+            progress.write(f"note: {out}: {note}")
         if resume_state is None and _holds_run(out):
             raise ValueError(
                 f"{out} already holds a run: continue it with --resume {out}, "
