@@ -47,6 +47,13 @@ __all__ = [
 PAPER_A = 0.4
 PAPER_C = 500.0
 BINS = 10
+MAX_BINS = 256  # the round kernels' histogram size (kernels/cpu.c MAXBINS)
+
+
+def check_bins(bins: object) -> None:
+    """Refuse a bin count the round kernels cannot count."""
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be an integer in [2, {MAX_BINS}], got {bins!r}")
 
 
 def _segment_entropy_torch(values: Tensor, lengths: Sequence[int], bins: int) -> Tensor:
@@ -99,6 +106,7 @@ def segment_entropy(values: Tensor, lengths: Sequence[int], *, bins: int = BINS)
     Returns:
         float32 tensor of shape ``(len(lengths),)``; a constant segment scores 0.
     """
+    check_bins(bins)
     x = values.reshape(-1)
     sizes = torch.tensor(list(lengths), dtype=torch.long)
     if x.device.type == "cpu" and (ck := _c_kernels()) is not None:

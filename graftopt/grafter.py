@@ -52,8 +52,7 @@ class GraftSettings:
         # Finite only: c = inf makes tied scores give alpha = inf * 0 = NaN.
         if not (self.c >= 0.0 and math.isfinite(self.c)):
             raise ValueError(f"c must be a finite number >= 0, got {self.c}")
-        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 2:
-            raise ValueError(f"bins must be an integer >= 2, got {self.bins!r}")
+        F.check_bins(self.bins)
         if self.level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
         if self.criterion not in CRITERIA:

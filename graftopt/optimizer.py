@@ -306,6 +306,12 @@ class GraftOptimizer(Optimizer):
         _warn_ddp_over_peers(model, source)
         if model is not None:
             host = unwrap(model)
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if not any(id(p) in held for p in host.parameters()):
+                raise ValueError(
+                    f"model= is a {type(host).__name__} none of whose parameters this optimizer "
+                    "trains: pass the model whose parameters the optimizer was given"
+                )
         else:
             modules = None if isinstance(peers, PeerSource) else list(peers)
             host = _infer_host(optimizer, modules)
@@ -525,7 +531,8 @@ class GraftOptimizer(Optimizer):
         return inner.step(*args)
 
     def close(self) -> None:
-        """Stop taking part in rounds so the host can be wrapped by another GraftOptimizer."""
+        """Stop taking part in rounds so the host can be wrapped by another GraftOptimizer;
+        from then on :meth:`step` is the inner optimizer's step alone."""
         self._participant.close()
 
     # -- checkpoints ------------------------------------------------------------------------

@@ -215,6 +215,7 @@ class Participant:
         self.steps = 0
         self.arrived = 0
         self.committed = 0
+        self.closed = False
         self._order = next(_ORDER)
         self._replica_warned = False
         host = grafter.host
@@ -250,6 +251,7 @@ class Participant:
 
     def close(self) -> None:
         """Leave the host's registration and the group (the host can then be wrapped again)."""
+        self.closed = True
         if _participant_of(self.grafter.host) is self:
             del _HOSTS[id(self.grafter.host)]
             self.group.leave(self)
@@ -270,6 +272,8 @@ class Participant:
 
     def before_step(self) -> None:
         """Keep the round-step weights if this host steps again while its round waits."""
+        if self.closed:
+            return
         snapshots = self.group.snapshots
         if self.arrived > self.committed and self.host not in snapshots:
             snapshots[self.host] = {
@@ -279,6 +283,8 @@ class Participant:
 
     def after_step(self) -> None:
         """Count a step; at every ``every``-th, arrive at the round and commit it if complete."""
+        if self.closed:
+            return
         self.steps += 1
         if self.steps % self.every or self.steps < self.start:
             return

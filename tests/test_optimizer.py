@@ -781,3 +781,45 @@ def test_lookahead_keeps_the_round(state: str) -> None:
     for m, state_after in zip(models, after, strict=True):
         for name, value in m.state_dict().items():
             assert torch.equal(value, state_after[name]), name
+
+
+def test_a_closed_wrapper_makes_no_more_rounds() -> None:
+    models = [make_net(0), make_net(1)]
+    opts = graftopt.ring(
+        models, [torch.optim.SGD(m.parameters(), lr=0.05) for m in models], every=1, same_init=False
+    )
+    for j, (m, o) in enumerate(zip(models, opts, strict=True)):
+        _train_step(m, o, j)
+    assert [o.rounds for o in opts] == [1, 1]
+    opts[0].close()
+    before = _state(models[0])
+    x, y = _batch(5)
+    for _ in range(3):
+        opts[0].zero_grad()
+        nn.functional.cross_entropy(models[0](x), y).backward()
+        grads = {n: p.grad.clone() for n, p in models[0].named_parameters()}
+        want = {n: p.detach() - 0.05 * grads[n] for n, p in models[0].named_parameters()}
+        opts[0].step()
+        for n, p in models[0].named_parameters():  # the inner step alone, no blend
+            torch.testing.assert_close(p.detach(), want[n], msg=n)
+    assert opts[0].rounds == 1
+    assert not torch.equal(before["conv1.weight"], models[0].conv1.weight)
+    # The host can be wrapped again, by one live wrapper.
+    again = GraftOptimizer(torch.optim.SGD(models[0].parameters(), lr=0.0), [models[1]], every=1)
+    again.step()
+    assert again.rounds == 1 and opts[0].rounds == 1
+
+
+def test_model_must_be_the_one_the_optimizer_trains() -> None:
+    a, b, c = make_net(0), make_net(1), make_net(2)
+    with pytest.raises(ValueError, match="none of whose parameters this optimizer trains"):
+        GraftOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), [c], every=1, model=b)
+
+
+@pytest.mark.parametrize("bins", [0, 1, 257, 2.5])
+def test_bins_the_kernels_cannot_count_are_refused_up_front(bins) -> None:
+    a, b = make_net(0), make_net(1)
+    with pytest.raises(ValueError, match=r"bins must be an integer in \[2, 256\]"):
+        GraftOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), [b], bins=bins)
+    with pytest.raises(ValueError, match=r"bins must be an integer in \[2, 256\]"):
+        graftopt.functional.entropy(torch.randn(10), bins=bins)

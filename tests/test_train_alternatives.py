@@ -109,6 +109,7 @@ def test_resumed_averages_equal_uninterrupted(averaged: dict) -> None:
     ("flags", "message"),
     [
         (["--replicas", "3"], "--replicas must be >= 1 and divide --batch-size"),
+        (["--graft-bins", "300"], "--graft-bins must be an integer in [2, 256], got 300"),
         (["--model-ema", "1"], "--model-ema is a decay in [0, 1)"),
         (["--swa-start", "2"], "--swa-start must lie in [0, --epochs)"),
         (["--peers", "1"], "--no-graft trains one network with --peers 1"),

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from graftopt.functional import check_bins
 from graftopt.grafter import EVERY, GraftSettings
 from graftopt.optimizer import OPTIMIZER_STATES
 
@@ -158,6 +159,10 @@ class TrainConfig:
             )
         if not self.peer_timeout > 0:
             raise ValueError(f"--peer-timeout must be > 0 seconds, got {self.peer_timeout}")
+        try:
+            check_bins(self.graft_bins)
+        except ValueError as e:
+            raise ValueError(f"--graft-{e}") from None
         if not 0.0 <= self.graft_A <= 1.0:
             raise ValueError(f"--graft-A must lie in [0, 1], got {self.graft_A}")
         if not (self.graft_c >= 0.0 and math.isfinite(self.graft_c)):
