@@ -452,3 +452,26 @@ def test_unwritable_output_is_refused_before_training(
     code, _, err = _run(["train", *data, *TINY, "--output", str(blocker / "run")], capsys)
     assert code == 2 and "cannot write to the output folder" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model_args": {"num_classes": 3, "checkpoint_path": "/etc/passwd"}}, "checkpoint_path"),
+        ({"model_args": {"num_classes": 400_000_000}}, "num_classes=400000000 is not in"),
+        ({"model_args": {"in_chans": 1.5}}, "in_chans=1.5"),
+        ({"model": "hf-hub:someone/x"}, "'hf-hub:someone/x', which is not a timm architecture"),
+    ],
+)
+def test_inspect_builds_nothing_a_checkpoint_names(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], change, message
+) -> None:
+    state = torch.load(runs["full"] / "checkpoint.pth", weights_only=True)
+    if "model" in change:
+        state["config"]["model"] = change["model"]
+    else:
+        state["model_args"] = change["model_args"]
+    torch.save(state, tmp_path / "crafted.pth")
+    code, _, err = _run(["inspect", str(tmp_path / "crafted.pth")], capsys)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1

@@ -73,6 +73,30 @@ def inspect_state_dict(state: Mapping[str, Tensor], bins: int = 10) -> str:
     return _table(rows)
 
 
+# The only arguments a checkpoint may give timm.create_model, with their bounds: no path, hub
+# id, pretrained or overlay key, and no size that would allocate without bound.
+_MODEL_ARGS = {"num_classes": (1, 100_000), "in_chans": (1, 64)}
+
+
+def vetted_model_args(state: dict) -> dict[str, int]:
+    """The checkpoint's model name and arguments, refused unless inert: a registered timm
+    architecture name (never a hub id or file) and bounded integer sizes."""
+    name = state.get("config", {}).get("model")
+    if not isinstance(name, str) or ":" in name or "/" in name or not timm.is_model(name):
+        raise ValueError(f"the checkpoint names model {name!r}, which is not a timm architecture")
+    args = state.get("model_args")
+    if not isinstance(args, dict) or set(args) - set(_MODEL_ARGS):
+        extra = sorted(set(args) - set(_MODEL_ARGS)) if isinstance(args, dict) else args
+        raise ValueError(
+            f"the checkpoint's model_args hold {extra!r}: only {sorted(_MODEL_ARGS)} are read"
+        )
+    for key, value in args.items():
+        lo, hi = _MODEL_ARGS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"the checkpoint's model_args {key}={value!r} is not in [{lo}, {hi}]")
+    return dict(args)
+
+
 def inspect_path(path: str | os.PathLike[str], network: str | None = None, bins: int = 10) -> str:
     """Inspect a run folder or graftopt checkpoint (every network), or a plain state dict file."""
     p = Path(path)
@@ -96,7 +120,7 @@ def inspect_path(path: str | os.PathLike[str], network: str | None = None, bins:
         for name, s in nets.items():
             if network is not None and name != network:
                 continue
-            model = timm.create_model(cfg.model, pretrained=False, **state["model_args"])
+            model = timm.create_model(cfg.model, pretrained=False, **vetted_model_args(state))
             model.load_state_dict(s["model"])
             out.append(
                 f"== {name} ({cfg.model}, epoch {state['epoch']}) ==\n{inspect_model(model, bins)}"
