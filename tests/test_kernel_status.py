@@ -113,3 +113,68 @@ def test_ring_of_three_runs_rounds_on_the_torch_path(monkeypatch: pytest.MonkeyP
     for a, b in zip(torch_path, c_path, strict=True):
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding a library graftopt built, with its digest."""
+    from .conftest import require_c
+
+    require_c()
+    cache = tmp_path_factory.mktemp("built") / "cache"
+    env = {**os.environ, "GRAFTOPT_CACHE": str(cache)}
+    env.pop("GRAFTOPT_NO_CKERNEL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "graftopt.kernels", "build"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return cache
+
+
+def _copy_cache(built: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(built, to)
+    to.chmod(0o700)
+    return next(to.glob("graftopt_cpu_*.so"))
+
+
+def test_a_library_that_differs_from_its_digest_is_never_loaded(
+    fresh: pytest.MonkeyPatch, built: Path, tmp_path: Path
+) -> None:
+    lib = _copy_cache(built, tmp_path / "cache")
+    lib.write_bytes(lib.read_bytes() + b"\0")  # what graftopt built, changed afterwards
+    with pytest.warns(RuntimeWarning, match="SHA-256 mismatch"):
+        assert cpu.library() is None
+    assert cpu.status().startswith("refused to load")
+
+
+def test_a_planted_library_without_digest_is_replaced_by_a_build(
+    fresh: pytest.MonkeyPatch, built: Path, tmp_path: Path
+) -> None:
+    lib = _copy_cache(built, tmp_path / "cache")
+    lib.with_suffix(".sha256").unlink()
+    lib.write_bytes(b"planted: not a library graftopt built")
+    assert cpu.library() is not None and cpu.status() == "built"
+    assert lib.read_bytes() != b"planted: not a library graftopt built"
+
+
+def test_a_cache_others_can_write_is_refused(
+    fresh: pytest.MonkeyPatch, built: Path, tmp_path: Path
+) -> None:
+    _copy_cache(built, tmp_path / "cache")
+    (tmp_path / "cache").chmod(0o777)
+    with pytest.warns(RuntimeWarning, match="can be written by others"):
+        assert cpu.library() is None
+    assert cpu.status().startswith("refused to load")
+
+
+def test_cc_with_arguments_is_a_compiler(fresh: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cc = tmp_path / "my-cc"
+    cc.write_text('#!/bin/sh\necho "cc got $1" >&2\nexit 1\n')
+    cc.chmod(cc.stat().st_mode | stat.S_IEXEC)
+    fresh.setenv("CC", f"{cc} --wrapped")
+    with pytest.warns(RuntimeWarning, match="compile failed"):
+        assert cpu.library() is None
+    assert cpu.status() == "compile failed: cc got --wrapped"

@@ -1,9 +1,12 @@
 """CPU kernels for the round: a segmented histogram and a multi-tensor mix, in C via ctypes.
 
 The C source (``cpu.c`` beside this file, shipped as package data) is compiled on first use with
-the system C compiler (``cc -O3 -fopenmp``) into a cache directory (``$GRAFTOPT_CACHE`` or
-``~/.cache/graftopt``), one file per source, flags, compiler and machine, under a file lock, and
-loaded with :mod:`ctypes`: no torch headers and no build step at install time are needed
+the system C compiler (``cc -O3 -fopenmp``) into a private cache directory (``$GRAFTOPT_CACHE``
+or ``$XDG_CACHE_HOME/graftopt``, by default ``~/.cache/graftopt``), one file per source, flags,
+compiler and machine, under a file lock, and loaded with :mod:`ctypes`. Only a library this
+installation built is loaded: the folder must belong to the user and be writable by nobody
+else, and the library's SHA-256, recorded at build time in a file beside it, must match. No
+torch headers and no build step at install time are needed
 (``python -m graftopt.kernels build`` builds ahead of time). Where it cannot be built, or
 ``GRAFTOPT_NO_CKERNEL=1`` is set, :func:`library` returns ``None``, callers use pure torch, and
 :func:`status` says why; a build that fails warns once.
@@ -24,6 +27,7 @@ import hashlib
 import itertools
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -65,8 +69,49 @@ _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-fast
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("GRAFTOPT_CACHE") or Path.home() / ".cache" / "graftopt"
+    root = os.environ.get("GRAFTOPT_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        root = Path(base) / "graftopt"
     return Path(root)
+
+
+class _Untrusted(Exception):
+    """A cache folder or library that graftopt will not load code from."""
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a file or folder that another user owns or that others may write to."""
+    if os.name != "posix":
+        return
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise _Untrusted(f"{path} belongs to another user (uid {st.st_uid})")
+    if st.st_mode & 0o022:
+        raise _Untrusted(
+            f"{path} can be written by others (mode {oct(st.st_mode & 0o777)}): chmod go-w it, "
+            "or set GRAFTOPT_CACHE to a folder only you can write"
+        )
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(target: Path) -> bool:
+    """Whether ``target`` is the library graftopt built: False when it or its digest is
+    missing (build it); raises :class:`_Untrusted` when it differs from what was built."""
+    record = target.with_suffix(".sha256")
+    if not target.exists() or not record.exists():
+        return False
+    for p in (target, record):
+        _check_private(p)
+    if _digest(target) != record.read_text().strip():
+        raise _Untrusted(
+            f"{target} differs from the library graftopt built there (SHA-256 mismatch): "
+            "delete it to rebuild"
+        )
+    return True
 
 
 def _on(variable: str) -> bool:
@@ -122,10 +167,12 @@ def library() -> ctypes.CDLL | None:
     if _on("GRAFTOPT_NO_CKERNEL"):
         _STATUS = "switched off (GRAFTOPT_NO_CKERNEL=1)"
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None or shutil.which(cc) is None:
+    # CC may carry arguments ("ccache gcc", "gcc -std=gnu11"), as make reads it.
+    cc_words = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or "gcc"]
+    cc = " ".join(cc_words)
+    if shutil.which(cc_words[0]) is None:
         _unavailable(
-            f"no compiler: {cc or 'cc'} not found",
+            f"no compiler: {cc_words[0]} not found",
             "Install a C compiler with OpenMP (gcc), or set CC; GRAFTOPT_NO_CKERNEL=1 silences "
             "this.",
         )
@@ -137,12 +184,13 @@ def library() -> ctypes.CDLL | None:
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     target = _cache_dir() / f"graftopt_cpu_{key}.so"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(target.parent)
         with _locked(target.with_suffix(".lock")):
-            if not target.exists():
+            if not _verified(target):
                 with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                     out = Path(tmp) / target.name
-                    cmd = [cc, *flags, str(SOURCE_FILE), "-o", str(out), "-lm"]
+                    cmd = [*cc_words, *flags, str(SOURCE_FILE), "-o", str(out), "-lm"]
                     done = subprocess.run(cmd, capture_output=True, text=True)
                     if done.returncode != 0:
                         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
@@ -151,7 +199,15 @@ def library() -> ctypes.CDLL | None:
                             f"The command was: {' '.join(cmd)}.",
                         )
                         return None
+                    record = Path(tmp) / "digest"
+                    record.write_text(_digest(out) + "\n")
+                    # The digest last: a reader never finds one that does not match.
                     os.replace(out, target)  # atomic: readers never see a partial file
+                    os.replace(record, target.with_suffix(".sha256"))
+            _verified(target)
+    except _Untrusted as e:
+        _unavailable(f"refused to load: {e}", "")
+        return None
     except OSError as e:
         _unavailable(
             f"cache not writable: {e}",
