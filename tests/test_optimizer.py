@@ -823,3 +823,18 @@ def test_bins_the_kernels_cannot_count_are_refused_up_front(bins) -> None:
         GraftOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), [b], bins=bins)
     with pytest.raises(ValueError, match=r"bins must be an integer in \[2, 256\]"):
         graftopt.functional.entropy(torch.randn(10), bins=bins)
+
+
+def test_weight_average_peers_are_unwrapped() -> None:
+    """An SWA or EMA model as a peer grafts from the network it averages, as DDP's does."""
+    from timm.utils import ModelEmaV3
+    from torch.optim.swa_utils import AveragedModel
+
+    for wrap in (AveragedModel, ModelEmaV3):
+        host, peer = make_net(0), make_net(1)
+        averaged = wrap(peer)
+        expected = ref_graft(host, [averaged.module])
+        GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [averaged], every=1).step()
+        torch.testing.assert_close(
+            host.fc.weight.double(), expected["fc.weight"], atol=2e-5, rtol=1e-5
+        )

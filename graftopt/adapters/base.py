@@ -69,9 +69,15 @@ class Adapter(ABC):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel/DataParallel and ``torch.compile`` wrappers."""
+    """Strip DistributedDataParallel/DataParallel, ``torch.compile`` and weight-average
+    wrappers (``swa_utils.AveragedModel``, timm's ``ModelEma*``: their ``module`` is the
+    averaged network)."""
+    from torch.optim.swa_utils import AveragedModel
+
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or isinstance(model, AveragedModel) or (
+            type(model).__name__.startswith("ModelEma") and isinstance(model.module, nn.Module)
+        ):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
