@@ -75,9 +75,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     from torch.optim.swa_utils import AveragedModel
 
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or isinstance(model, AveragedModel) or (
-            type(model).__name__.startswith("ModelEma") and isinstance(model.module, nn.Module)
-        ):
+        wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel, AveragedModel)
+        ema = type(model).__name__.startswith("ModelEma")
+        if isinstance(model, wrappers) or (ema and isinstance(model.module, nn.Module)):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
