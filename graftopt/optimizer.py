@@ -205,7 +205,8 @@ class GraftOptimizer(Optimizer):
         rate: each round moves the host this fraction of the way from its weights to the
             blend, in (0, 1] (default 1: the paper's round).
         rate_by_lr: scale ``rate`` by the learning rate's ratio to its initial value (the
-            first parameter group's ``lr`` over its ``initial_lr``), as population averaging
+            first parameter group's ``lr`` over its ``max_lr`` (OneCycleLR) or ``initial_lr``;
+            a warning when the learning rate is above it), as population averaging
             does: rounds soften as the schedule decays.
         start: no round before this many steps (default 0); the first round comes at the
             first multiple of ``every`` at or after ``start``.
@@ -448,8 +449,20 @@ class GraftOptimizer(Optimizer):
         ``rate_by_lr``)."""
         if not self.rate_by_lr:
             return self.rate
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        initial = float(self.optimizer.param_groups[0].get("initial_lr", self._initial_lr))
+        group = self.optimizer.param_groups[0]
+        lr = float(group["lr"])
+        # OneCycleLR starts below its peak and keeps the peak as "max_lr".
+        initial = float(group.get("max_lr", group.get("initial_lr", self._initial_lr)))
+        if lr > initial * (1 + 1e-6) and not self.__dict__.get("_lr_warned"):
+            self._lr_warned = True
+            warnings.warn(
+                f"rate_by_lr: the learning rate {lr:.4g} is above the one it scales from "
+                f"({initial:.4g}, the param group's initial_lr): the schedule does not start at "
+                "its peak (CyclicLR, a warm-up) and the rate stays at its cap until the "
+                "learning rate falls below that; set the group's 'max_lr' to the peak",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         scaled = self.rate * (lr / initial if initial > 0 else 1.0)
         # A rate of exactly 0 is no round; the floor keeps the round a (tiny) blend.
         return min(1.0, max(scaled, 1e-12))

@@ -838,3 +838,21 @@ def test_weight_average_peers_are_unwrapped() -> None:
         torch.testing.assert_close(
             host.fc.weight.double(), expected["fc.weight"], atol=2e-5, rtol=1e-5
         )
+
+
+def test_rate_by_lr_follows_onecycle_peak_and_warns_under_cyclic() -> None:
+    host, peer = make_net(0), make_net(1)
+    inner = torch.optim.SGD(host.parameters(), lr=0.1, momentum=0.9)
+    torch.optim.lr_scheduler.OneCycleLR(inner, max_lr=1.0, total_steps=100)
+    opt = GraftOptimizer(inner, [peer], every=1, rate=0.5, rate_by_lr=True)
+    assert opt.current_rate() == pytest.approx(0.5 * 0.04)  # lr 0.04 of the peak 1.0
+    host, peer = make_net(2), make_net(3)
+    inner = torch.optim.SGD(host.parameters(), lr=0.1, momentum=0.9)
+    cyclic = torch.optim.lr_scheduler.CyclicLR(inner, base_lr=0.01, max_lr=1.0, step_size_up=5)
+    opt = GraftOptimizer(inner, [peer], every=1, rate=0.5, rate_by_lr=True)
+    for _ in range(3):
+        cyclic.step()
+    with pytest.warns(RuntimeWarning, match="does not start at its peak"):
+        assert opt.current_rate() == 1.0
+    inner.param_groups[0]["max_lr"] = 1.0
+    assert opt.current_rate() == pytest.approx(0.5 * inner.param_groups[0]["lr"])
