@@ -31,6 +31,7 @@ from graftopt.train.checkpoint import CHECKPOINT, load_checkpoint
 from graftopt.train.config import PRESETS, TrainConfig, merge_resumed
 from graftopt.train.loop import train
 from graftopt.train.progress import Progress
+from graftopt.train.summary import read_csv
 
 # Each configuration: the TrainConfig fields it sets on top of the recipe.
 GENTLE = {"same_init": True, "graft_rate": 0.5, "graft_recalibrate": 5}
@@ -103,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--table-only", action="store_true", help="print the table of finished runs")
+    p.add_argument(
+        "--invalid", action="store_true", help="with --table-only: the invalid-filter counts"
+    )
     p.add_argument(
         "--versus",
         action="store_true",
@@ -314,6 +318,40 @@ def versus_table(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def invalid_table(args: argparse.Namespace) -> str:
+    """The paper's mechanism: filters whose l1 norm is below 0.1 and 0.01 at the last epoch,
+    per network (mean over the networks and seeds of each configuration)."""
+    lines = [
+        "| configuration | K | networks | filters per network | invalid (l1 < 0.1) "
+        "| invalid (l1 < 0.01) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in args.peers:
+        for config in args.configs:
+            found = []
+            for seed in args.seeds:
+                run = Path(recipe(args, config, k, seed).output or "")
+                if not (run / "summary.json").is_file():
+                    continue
+                rows = read_csv(run / "metrics.csv")
+                last = max(int(r["epoch"]) for r in rows)
+                found += [
+                    r
+                    for r in rows
+                    if int(r["epoch"]) == last and r["kind"] in ("grafted", "peer", "baseline")
+                ]
+            if found:
+                mean = {f: statistics.fmean(float(r[f]) for r in found) for f in INVALID}
+                lines.append(
+                    f"| {config} | {k} | {len(found)} | {mean['filters']:.0f} "
+                    f"| {mean['invalid_0.1']:.2f} | {mean['invalid_0.01']:.2f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+INVALID = ("filters", "invalid_0.1", "invalid_0.01")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.table_only:
@@ -337,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"--- {config} K={k} seed={seed}", flush=True)
                     run_one(recipe(args, config, k, seed))
         print(f"(study time {(time.perf_counter() - start) / 60:.0f} min)")
-    text = versus_table(args) if args.versus else table(args)
+    text = (
+        invalid_table(args) if args.invalid else versus_table(args) if args.versus else table(args)
+    )
     print(f"\n{text}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
