@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import graftopt
+import graftopt.models
 
 from . import reference
 

@@ -13,6 +13,7 @@ import time
 import timm
 import torch
 
+import graftopt.models  # noqa: F401  (registers the CIFAR networks with timm)
 from graftopt import functional as F
 from graftopt.kernels import cpu
 

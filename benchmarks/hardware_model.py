@@ -30,7 +30,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import graftopt  # noqa: F401  (registers the CIFAR networks with timm)
+import graftopt.models  # noqa: F401  (registers the CIFAR networks with timm)
 from graftopt.train.summary import read_csv
 
 LINKS = {"10 Gb/s": 10e9 / 8, "1 Gb/s": 1e9 / 8, "100 Mb/s": 100e6 / 8}

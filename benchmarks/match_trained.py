@@ -21,6 +21,7 @@ import timm
 import torch
 
 import graftopt
+import graftopt.models
 from graftopt.adapters.channels import channel_spaces
 from graftopt.matching import matched
 from graftopt.train.checkpoint import load_checkpoint

@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+import graftopt.models  # noqa: F401  (registers the CIFAR networks with timm)
+
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

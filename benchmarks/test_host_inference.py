@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 
+import graftopt.models  # noqa: F401  (registers the CIFAR networks with timm)
 from graftopt.optimizer import _infer_host
 
 

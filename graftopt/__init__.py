@@ -2,7 +2,6 @@
 
 from . import adapters as adapters
 from . import functional as functional
-from . import models as models  # registers the CIFAR networks with timm
 from .diagnostics import InvalidFilters as InvalidFilters
 from .diagnostics import RoundRecord as RoundRecord
 from .diagnostics import invalid_filters as invalid_filters
@@ -16,6 +15,17 @@ from .recalibrate import recalibrate_norms as recalibrate_norms
 from .rounds import graft_ as graft_
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # timm (and torchvision under it) take seconds to import: graftopt.models, which registers
+    # the CIFAR networks with timm, loads on first use.
+    if name == "models":
+        import importlib
+
+        return importlib.import_module(".models", __name__)
+    raise AttributeError(f"module 'graftopt' has no attribute {name!r}")
+
 
 __all__ = [
     "GraftOptimizer",

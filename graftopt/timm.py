@@ -41,6 +41,7 @@ from timm.optim import create_optimizer_v2 as _timm_create_optimizer_v2
 from torch import nn
 from torch.utils.data import Dataset
 
+from . import models as _models  # noqa: F401  (registers the CIFAR networks with timm)
 from .distributed import AllPeers, RingPeers, peer_groups
 from .grafter import EVERY
 from .optimizer import GraftOptimizer

@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-import graftopt  # noqa: F401  (registers the CIFAR networks with timm)
+import graftopt.models  # noqa: F401  (registers the CIFAR networks with timm)
 from graftopt import GraftOptimizer
 from graftopt.adapters import (
     Adapter,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import graftopt.models  # noqa: F401  (registers the CIFAR networks with timm)
 from graftopt import functional as F
 from graftopt.adapters import GenericAdapter
 from graftopt.grafter import Grafter, GraftSettings

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import graftopt
+import graftopt.models
 from graftopt import matching
 from graftopt.adapters.channels import channel_spaces
 from graftopt.matching import ChannelSpaces, linear_assignment, match_peer, permute

@@ -17,6 +17,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 import graftopt
+import graftopt.models
 import graftopt.timm
 from graftopt import GraftOptimizer
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import graftopt.models  # noqa: F401  (registers the CIFAR networks with timm)
 from graftopt.train.cli import main
 from graftopt.train.config import TrainConfig, diverse_lr
 from graftopt.train.data import DataError, read_idx

@@ -25,6 +25,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.task import ClassificationTask, load_task_ema_checkpoint, resume_task_checkpoint
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+import graftopt.models
 import graftopt.timm  # graftopt line 1
 
 CLASSES = 3

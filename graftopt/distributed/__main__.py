@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from graftopt import models as _models  # noqa: F401  (registers the CIFAR networks with timm)
+
 from .groups import init_from_env
 
 

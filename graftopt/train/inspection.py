@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from graftopt import functional as GF
 from graftopt import invalid_filters
+from graftopt import models as _models  # noqa: F401  (registers the CIFAR networks with timm)
 
 from .checkpoint import CHECKPOINT, FORMAT, find_checkpoint, rank_checkpoints, safe_load
 from .config import TrainConfig

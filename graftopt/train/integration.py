@@ -9,6 +9,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from graftopt import GraftOptimizer, PeerSource
+from graftopt import models as _models  # noqa: F401  (registers the CIFAR networks with timm)
 
 __all__ = ["create_graft_optimizer"]
 

@@ -33,6 +33,7 @@ from torch.optim.swa_utils import AveragedModel
 
 import graftopt
 from graftopt import GraftOptimizer, RoundRecord, invalid_filters
+from graftopt import models as _models  # noqa: F401  (registers the CIFAR networks with timm)
 from graftopt.adapters.channels import channel_spaces
 from graftopt.matching import matched
 from graftopt.recalibrate import frozen_norm_statistics, recalibrate_norms
