@@ -140,6 +140,7 @@ def test_csv_and_table_are_consistent(runs: dict[str, Path]) -> None:
     table = (run / "summary.md").read_text()
     for label in ("grafted0", "baseline1", "grafted mean ± std", "ensemble of the baselines"):
         assert label in table
+    assert "At K = 2 a full round leaves the two grafted networks equal" in table
     alphas = read_csv(run / "alphas.csv")
     assert {r["network"] for r in alphas} == {"grafted0", "grafted1"}
     assert sorted({r["round"] for r in alphas}) == list(range(1, 5))

@@ -768,6 +768,13 @@ def _train(
     done = max(stop, epoch0)
     summary = summarize(rows) if rows else {"networks": {}, "groups": {}}
     table = format_table(summary) if rows else ""
+    if table and cfg.graft and cfg.peers == 2 and cfg.graft_rate == 1.0:
+        table += (
+            "\nAt K = 2 a full round leaves the two grafted networks equal (each one's alpha "
+            "against the other is one minus the other's): they are one model, and their "
+            "ensemble and soup are that model. For distinct networks use --peers 3 or more, or "
+            "--graft-rate below 1.\n"
+        )
     complete = done >= cfg.epochs
     if complete and lead:
         atomic_write_text(out / "summary.md", table)
