@@ -21,6 +21,7 @@ parallel: a schedule planned for fewer steps would get there sooner).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -99,13 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         default=["cifar_resnet20:128:28:1", "resnet50:32:224:3"],
         help="model:batch:image size:channels whose step is timed here",
     )
-    p.add_argument(
-        "--step-s",
-        type=float,
-        nargs="*",
-        default=[],
-        help="more step times (seconds) to model for each model, e.g. your GPU's",
-    )
     args = p.parse_args(argv)
     grafted, dp, dp_per_epoch, graft_steps, _ = study_curves(Path(args.study), args.k)
     target = statistics.fmean(grafted)
@@ -117,35 +111,41 @@ def main(argv: list[str] | None = None) -> int:
         f"{final_epoch * dp_per_epoch} steps, first at or above {target:.2f} at "
         + (f"epoch {reach} ({reach * dp_per_epoch} steps)" if reach else "no epoch")
     )
+    if reach is None:
+        print("data parallel never reaches the grafted accuracy: grafting is first on any link")
+        return 0
+    # Data parallel needs a fraction f of the grafted run's steps. Per step, t computes and x
+    # moves one model's bytes over the link (x = S / B). Grafting is first when
+    #   N t + N g < f N (t + x)        (no overlap)  <=> x / t > (1 - f) / (f - g / x)
+    #   N t + N g < f N max(t, x)      (overlap)     <=> x / t > 1 / (f - g / x)
+    # with g = x / (factor * every) the ring round's share of a step.
+    factor = 2 * (args.k - 1) / args.k  # a ring all-reduce moves this many copies each way
+    f = reach * dp_per_epoch / graft_steps
+    graft_share = 1 / (factor * args.every)  # a round moves one copy: x / factor per round
+    lo = (1 - f) / (f - graft_share) if f > graft_share else math.inf
+    hi = 1 / (f - graft_share) if f > graft_share else math.inf
     print(
-        "\n| model | bytes | step (s) | link | grafting to its top-1 | data parallel to the "
-        "same top-1 (no overlap / overlap) | data parallel to its own top-1 | first to the "
-        "grafted top-1 |\n|---|---|---|---|---|---|---|---|"
+        f"data parallel needs f = {f:.3f} of the grafted run's steps; grafting is first when "
+        f"one step's all-reduce takes more than {lo:.3f} x the step's compute (no overlap) to "
+        f"{hi:.3f} x (all-reduce hidden behind the backward pass)"
     )
-    factor = 2 * (args.k - 1) / args.k
+    print(
+        "\n| model | bytes | link | all-reduce per step | grafting first when a step computes "
+        "in less than (overlap / no overlap) | step measured here (1 thread) | first here |"
+        "\n|---|---|---|---|---|---|---|"
+    )
     for spec in args.sizes:
         name, batch, size, chans = spec.split(":")
         size_b = model_bytes(name, int(chans))
-        measured = step_time(name, int(batch), int(size), int(chans))
-        for t in [measured, *args.step_s]:
-            label = f"{t:.3f}" + (" (measured here)" if t is measured else " (given)")
-            for link, bw in LINKS.items():
-                x = size_b / bw
-                g = graft_steps * t + graft_steps / args.every * x
-                if reach is None:
-                    d_same = "never"
-                    first = "grafting"
-                else:
-                    n = reach * dp_per_epoch
-                    lo, hi = n * max(t, factor * x), n * (t + factor * x)
-                    d_same = f"{hi / 60:.1f} / {lo / 60:.1f} min"
-                    first = "grafting" if g < lo else "data parallel" if hi < g else "depends"
-                n_all = final_epoch * dp_per_epoch
-                d_all = n_all * (t + factor * x)
-                print(
-                    f"| {name} (batch {batch}) | {size_b / 1e6:.1f} MB | {label} | {link} "
-                    f"| {g / 60:.1f} min | {d_same} | {d_all / 60:.1f} min | {first} |"
-                )
+        t = step_time(name, int(batch), int(size), int(chans))
+        for link, bw in LINKS.items():
+            x = factor * size_b / bw
+            first = "grafting" if x / t > hi else "data parallel" if x / t < lo else "depends"
+            print(
+                f"| {name} | {size_b / 1e6:.1f} MB | {link} | {x * 1e3:.1f} ms "
+                f"| {x / hi * 1e3:.1f} / {x / lo * 1e3:.1f} ms | {t * 1e3:.0f} ms (batch {batch}) "
+                f"| {first} |"
+            )
     return 0
 
 
