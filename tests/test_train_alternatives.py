@@ -110,6 +110,10 @@ def test_resumed_averages_equal_uninterrupted(averaged: dict) -> None:
     [
         (["--replicas", "3"], "--replicas must be >= 1 and divide --batch-size"),
         (["--graft-bins", "300"], "--graft-bins must be an integer in [2, 256], got 300"),
+        (["--min-lr", "nan"], "--min-lr must be a finite number >= 0, got nan"),
+        (["--std", "inf"], "--std values must be finite numbers"),
+        (["--lr", "inf"], "--lr must be a finite number > 0"),
+        (["-b", "64"], "--batch-size 64 is larger than the training set (48 images)"),
         (["--model-ema", "1"], "--model-ema is a decay in [0, 1)"),
         (["--swa-start", "2"], "--swa-start must lie in [0, --epochs)"),
         (["--peers", "1"], "--no-graft trains one network with --peers 1"),

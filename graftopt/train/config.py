@@ -150,8 +150,14 @@ class TrainConfig:
             )
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        for name in ("min_lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}"
+                )
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
             raise ValueError(
                 f"--warmup-epochs must lie in [0, --epochs), got {self.warmup_epochs} "
@@ -195,6 +201,10 @@ class TrainConfig:
                 raise ValueError(
                     f"--{name} needs 1 or --in-chans ({self.in_chans}) values, got {len(value)}"
                 )
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and not all(math.isfinite(v) for v in value):
+                raise ValueError(f"--{name} values must be finite numbers, got {value}")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"--std values must be > 0, got {self.std}")
 

@@ -669,6 +669,11 @@ def _train(
     device, spec = world.agree(prepare)
     random_seed(cfg.seed)
     steps = len(spec.train) // cfg.batch_size  # type: ignore[arg-type]
+    if steps == 0:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is larger than the training set "
+            f"({len(spec.train)} images): no full batch, no step; lower -b"  # type: ignore[arg-type]
+        )
     every = cfg.graft_every or steps
     lanes = world.lanes(cfg)
     nets = build_nets(cfg, spec, device, lanes)
