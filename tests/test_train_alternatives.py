@@ -145,3 +145,24 @@ def test_python_m_graftopt_is_the_command() -> None:
         [sys.executable, "-m", "graftopt", "--help"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "--model-ema" in proc.stdout, proc.stderr
+
+
+def test_resume_follows_moved_data_and_refuses_changed_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    folder = _write_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "2", *ONE]
+    assert main([*args, "--output", str(out), "--stop-after", "1"]) == 0
+    moved = tmp_path / "moved"
+    shutil.move(folder, moved)
+    changed = _write_folder(tmp_path / "changed")
+    next(p for p in (changed / "train").rglob("*.png")).unlink()
+    resume = ["train", "--resume", str(out), "--no-report", "--data-dir"]
+    assert main([*resume, str(changed)]) == 2
+    err = capsys.readouterr().err
+    assert "the data differ from the run's: train_images 47 (the run had 48)" in err, err
+    assert main([*resume, str(moved)]) == 0
+    assert len(read_csv(out / "metrics.csv")) == 2 * 3 + 1  # 2 x (2 networks, ensemble), soup

@@ -14,8 +14,19 @@ from graftopt.optimizer import OPTIMIZER_STATES
 __all__ = ["PRESETS", "RESUME_OVERRIDES", "TrainConfig", "diverse_lr", "merge_resumed"]
 
 # Settings a resumed run may change without changing its numbers.
+# Where the data lives is not part of the recipe: a resume checks what the data is instead
+# (the fingerprint saved with every checkpoint).
 RESUME_OVERRIDES = frozenset(
-    {"output", "resume", "workers", "progress", "log_interval", "stop_after", "peer_timeout"}
+    {
+        "output",
+        "resume",
+        "workers",
+        "progress",
+        "log_interval",
+        "stop_after",
+        "peer_timeout",
+        "data_dir",
+    }
 )
 
 

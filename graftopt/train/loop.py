@@ -667,6 +667,8 @@ def _train(
 
     # A rank that fails here alone (its data or checkpoint missing) makes every rank fail.
     device, spec = world.agree(prepare)
+    if resume_state is not None and "data" in resume_state:
+        _check_same_data(resume_state["data"], data_fingerprint(spec))
     random_seed(cfg.seed)
     steps = len(spec.train) // cfg.batch_size  # type: ignore[arg-type]
     if steps == 0:
@@ -802,6 +804,28 @@ def _check_writable(out: Path) -> None:
         raise ValueError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
 
 
+def data_fingerprint(spec: DataSpec) -> dict[str, int]:
+    """What a resume checks of the data, wherever it lives: sizes, classes, image shape."""
+    return {
+        "train_images": len(spec.train),  # type: ignore[arg-type]
+        "val_images": len(spec.val),  # type: ignore[arg-type]
+        "classes": spec.num_classes,
+        "channels": spec.in_chans,
+        "image_size": spec.img_size,
+    }
+
+
+def _check_same_data(saved: dict[str, int], found: dict[str, int]) -> None:
+    changed = [
+        f"{k} {found.get(k)} (the run had {v})" for k, v in saved.items() if found.get(k) != v
+    ]
+    if changed:
+        raise ValueError(
+            "--resume: the data differ from the run's: " + "; ".join(changed) + ". Point "
+            "--data-dir at the run's data set (it may move; it may not change)"
+        )
+
+
 def _holds_run(out: Path) -> bool:
     return (out / CHECKPOINT).exists() or bool(rank_files(out))
 
@@ -819,6 +843,7 @@ def _checkpoint_state(
     return {
         "config": cfg.to_dict(),
         "model_args": {"num_classes": spec.num_classes, "in_chans": spec.in_chans},
+        "data": data_fingerprint(spec),
         "epoch": epochs,
         **where,
         "nets": {
