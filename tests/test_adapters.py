@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-import graftopt.models  # noqa: F401  (registers the CIFAR networks with timm)
+import graftopt.models
 from graftopt import GraftOptimizer
 from graftopt.adapters import (
     Adapter,
@@ -212,3 +212,19 @@ def test_frozen_tensors_are_never_members() -> None:
     table = tensor_table(model)
     assert not any(n.endswith("num_batches_tracked") for n in members)
     assert {n for n, t in table.items() if t.is_floating_point()} == members
+
+
+def test_generic_adapter_names_what_no_unit_covers() -> None:
+    """Recurrent and attention weights are in no unit: the wrapper says so, with the share."""
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+            self.rnn = nn.LSTM(8, 8)
+            self.head = nn.Linear(8, 3)
+
+    host = Tagger()
+    with pytest.warns(RuntimeWarning, match=r"97 % of its parameters \(embed\.weight, rnn\."):
+        opt = graftopt.GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.1), [Tagger()])
+    assert [u.name for u in opt.units] == ["head"]

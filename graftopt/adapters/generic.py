@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -97,3 +99,24 @@ class GenericAdapter(Adapter):
         layers = {n: m for n, m in model.named_modules() if _is_layer(m)}
         pairs = pair_norms(model, layers)
         return [unit_for(model, name, pairs.get(name)) for name in layers]
+
+
+def warn_uncovered(model: nn.Module, units: list[Unit]) -> None:
+    """Say which floating parameters no unit covers (recurrent and attention weights,
+    embeddings, loose parameters): rounds leave them as they are."""
+    covered = {n for u in units for n in u.members}
+    params = dict(model.named_parameters())
+    left = {n: p.numel() for n, p in params.items() if p.is_floating_point() and n not in covered}
+    if not left:
+        return
+    total = sum(p.numel() for p in params.values() if p.is_floating_point())
+    names = sorted(left, key=lambda n: -left[n])
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    warnings.warn(
+        f"the generic adapter grafts the conv and linear layers of {type(model).__name__}: "
+        f"{100 * sum(left.values()) / total:.0f} % of its parameters ({shown}) are in no unit "
+        "and rounds leave them as they are (docs/adapters.md: register an adapter to graft "
+        "them)",
+        RuntimeWarning,
+        stacklevel=5,
+    )
