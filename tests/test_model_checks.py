@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -86,3 +87,15 @@ def test_frozen_layers_can_be_left_alone() -> None:
     blended = GraftOptimizer(torch.optim.SGD(trained, lr=0.0), [peer], every=1, model=host)
     blended.step()  # the default blends every layer, frozen or not, as the paper does
     assert not torch.equal(host.conv1.weight, frozen)
+
+
+def test_meta_and_empty_layers_are_refused_by_name() -> None:
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"unit '0': 0.weight is on the meta device"):
+        graftopt.GraftOptimizer(torch.optim.SGD(meta.parameters(), lr=0.1), [meta], every=1)
+    empty = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 0))
+    with pytest.raises(ValueError, match=r"unit '1': 1.weight has no elements \(shape \(0, 3\)\)"):
+        graftopt.GraftOptimizer(
+            torch.optim.SGD(empty.parameters(), lr=0.1), [copy.deepcopy(empty)], every=1
+        )

@@ -143,6 +143,17 @@ def validate_units(model: nn.Module, units: Sequence[Unit]) -> None:
             t = table.get(name)
             if t is None:
                 raise ValueError(f"cannot graft unit {unit.name!r}: {_why_missing(model, name)}")
+            if t.is_meta:
+                raise ValueError(
+                    f"cannot graft unit {unit.name!r}: {name} is on the meta device (no values "
+                    "yet); materialize the model first (to_empty(device=...) and initialize, "
+                    "or load its weights), then wrap it"
+                )
+            if t.numel() == 0:
+                raise ValueError(
+                    f"cannot graft unit {unit.name!r}: {name} has no elements (shape "
+                    f"{tuple(t.shape)}); give an adapter whose units leave the empty layer out"
+                )
             other = first.setdefault(id(t), name)
             if other != name:
                 raise ValueError(
