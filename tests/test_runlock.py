@@ -83,3 +83,34 @@ def test_files_take_the_users_umask_which_is_never_changed(
         monkeypatch.undo()
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"
+                     " PytorchStreamWriter failed writing file data/0: file write failed"),
+    ],
+)  # fmt: skip
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    import torch
+
+    from graftopt.train import checkpoint
+
+    target = tmp_path / "checkpoint.pth"
+    checkpoint.save_checkpoint(target, {"epoch": 1})
+
+    def full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(
+        ValueError, match=r"cannot write the checkpoint .*previous checkpoint is kept"
+    ):
+        checkpoint.save_checkpoint(target, {"epoch": 2})
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]

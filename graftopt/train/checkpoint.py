@@ -95,8 +95,22 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Save ``state`` (tensors, state dicts, plain values) atomically."""
-    _atomic(Path(path), lambda f: torch.save({"format": FORMAT, **state}, f))
+    """Save ``state`` (tensors, state dicts, plain values) atomically.
+
+    A write that fails (disk full, quota, read-only folder) raises ``ValueError`` in one line:
+    the previous checkpoint is untouched.
+    """
+    try:
+        _atomic(Path(path), lambda f: torch.save({"format": FORMAT, **state}, f))
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write as RuntimeError("... failed writing file ...").
+        if isinstance(e, RuntimeError) and "writ" not in str(e):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise ValueError(
+            f"cannot write the checkpoint {path} ({reason}); the previous checkpoint is kept: "
+            "free space and continue with --resume"
+        ) from None
 
 
 # Under torchrun each rank keeps its files of the last epoch that every rank saved, and the
