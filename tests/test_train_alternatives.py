@@ -4,6 +4,7 @@ replicas, timm's EMA and torch's SWA of each network, one network alone."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,10 @@ def test_a_run_without_rounds_says_so(tmp_path: Path, capsys: pytest.CaptureFixt
     folder = _write_folder(tmp_path / "data")
     args = ["train", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "1", *ONE]
     assert main([*args, "--graft-every", "50", "--output", str(tmp_path / "o")]) == 0
-    assert "warning: no graft round will run: 1 epochs x 6 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "warning: no graft round will run: 1 epochs x 6 steps" in out
+    # The progress line names each network's loss and counts the rounds.
+    assert re.search(r"batch 6/6  loss grafted0 \d\.\d{3}  grafted1 \d\.\d{3}  rounds 0", out), out
 
 
 def test_python_m_graftopt_is_the_command() -> None:

@@ -334,10 +334,12 @@ def train_epoch(
     students = [n for n in nets if n.grafted] if cfg.distill_weight > 0 else []
     learns = {id(n) for n in students}
     totals = {n.name: torch.zeros((), device=device) for n in nets}
+    step_loss: dict[str, torch.Tensor] = {}
     for net in nets:
         net.model.train()
         net.alphas.clear()
     batches = [iter(loader) for loader in loaders]
+    grafting = next((n.optimizer for n in nets if isinstance(n.optimizer, GraftOptimizer)), None)
     for i in range(steps):
         updates = epoch * steps + i + 1
         for it, lane_nets, stream in zip(batches, by_lane, streams, strict=True):
@@ -364,7 +366,8 @@ def train_epoch(
                     if net.scheduler is not None:
                         net.scheduler.step_update(num_updates=updates)
                     totals[net.name] += loss.detach().float()
-        progress.batch(i, loss.detach())
+                    step_loss[net.name] = loss.detach()
+        progress.batch(i, step_loss, grafting.rounds if grafting is not None else None)
     return {name: float(t) / steps for name, t in totals.items()}
 
 

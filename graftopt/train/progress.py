@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -49,23 +50,29 @@ class Progress:
                 total=steps, desc=f"epoch {epoch + 1}", file=self.stream, position=1, leave=False
             )
 
-    def batch(self, index: int, loss: Any) -> None:
-        """Report that batch ``index`` (0-based) is done, with a representative loss.
+    def batch(self, index: int, losses: Mapping[str, Any], rounds: int | None = None) -> None:
+        """Report that batch ``index`` (0-based) is done, with each network's loss on it and
+        the graft rounds so far.
 
-        ``loss`` may be a tensor: it is read (a device sync) only when a line or bar shows it.
+        Losses may be tensors: they are read (a device sync) only when a line or bar shows them.
         """
         if self.off:
             return
         last = index + 1 == self._steps
         show = (index + 1) % self.log_interval == 0 or last
+        if not (show or (self._batches is not None and index == 0)):
+            if self._batches is not None:
+                self._batches.update(1)
+            return
+        text = "  ".join(f"{name} {float(v):.3f}" for name, v in losses.items())
+        text = f"loss {text}" + (f"  rounds {rounds}" if rounds is not None else "")
         if self._batches is not None:
             self._batches.update(1)
-            if show or index == 0:
-                self._batches.set_postfix(loss=f"{float(loss):.3f}")
-        elif show:
+            self._batches.set_postfix_str(text)
+        else:
             print(
                 f"epoch {self._epoch + 1}/{self._total_epochs}  batch {index + 1}/{self._steps}  "
-                f"loss {float(loss):.4f}",
+                + text,
                 flush=True,
             )
 
