@@ -170,3 +170,14 @@ def test_resume_follows_moved_data_and_refuses_changed_data(
     assert "the data differ from the run's: train_images 47 (the run had 48)" in err, err
     assert main([*resume, str(moved)]) == 0
     assert len(read_csv(out / "metrics.csv")) == 2 * 3 + 1  # 2 x (2 networks, ensemble), soup
+
+
+def test_help_shows_each_default_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    for flag, default in (("--epochs EPOCHS", "30"), ("--lr LR", "0.1"), ("--seed SEED", "42")):
+        assert f"{flag} (default: {default})" in text, flag
+    assert "(default: None)" not in text
+    assert "mutual distillation alone) (default" not in text  # --no-graft: a switch
+    assert "(default: 1) (default" not in text and text.count("--replicas D") >= 1

@@ -36,6 +36,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Defaults(argparse.HelpFormatter):
+    """Every option's default, once: none for switches and for defaults taken from the data."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if "%(default)" in text or switch or action.default in (None, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
     p = sub.add_parser(
         "train",
@@ -43,7 +54,7 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
         description="Train K peers with filter grafting, optionally beside K baselines under the "
         "same recipe (same seeds, same data order per index), with timm's models, optimizers, "
         "schedulers and data. Default: cifar_resnet20 on Fashion-MNIST, 2 peers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", default=_D.model, help="timm model name (always pretrained=False)")
@@ -269,6 +280,9 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
     )
     g.add_argument("--no-report", action="store_true", help="do not write the plots at the end")
     p.set_defaults(**defaults)
+    for action in p._actions:
+        if not action.help and action.default not in (None, argparse.SUPPRESS, False):
+            action.help = "(default: %(default)s)"
 
 
 def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
