@@ -60,6 +60,21 @@ def _data_parallel(k: int) -> dict[str, Any]:
     }
 
 
+def _graft_pairs(k: int) -> dict[str, Any]:
+    """K workers as K/2 grafted networks of 2 data-parallel replicas each (the timm route's
+    K x D): each network's global batch is 256 for 20 epochs, the grafted runs' steps."""
+    return {
+        "same_init": True,
+        "graft_every": 10,
+        "peers": k // 2,
+        "replicas": 2,
+        "batch_size": 256,
+        "lr": 0.2,
+        "warmup_epochs": 2,
+        "epochs": 20,
+    }
+
+
 CONFIGS: dict[str, dict[str, Any] | Callable[[int], dict[str, Any]]] = {
     "baseline": {"graft": False, **AVERAGES},  # K independent networks
     "paper": dict(PRESETS["paper"]),  # the authors' rounds
@@ -77,6 +92,7 @@ CONFIGS: dict[str, dict[str, Any] | Callable[[int], dict[str, Any]]] = {
     "graft-10-ema": {"same_init": True, "graft_every": 10, "model_ema": 0.998},
     "long": _long,  # one network, K x the epochs on one worker
     "dp": _data_parallel,  # one network, K data-parallel workers, the grafted runs' steps
+    "graft-pairs": _graft_pairs,  # K/2 grafted networks of 2 replicas (K >= 4)
     # The paper's rounds with each peer's filters matched to the host's first (weight matching).
     "paper-align": {**PRESETS["paper"], "graft_align": True},
     # graft-10 from independent starts, filters matched: does matching stand in for one start?
@@ -258,6 +274,7 @@ VERSUS = (
     ("grafting, the defaults (graft-10)", "graft-10", "grafted"),
     ("grafting, the defaults (graft-10)", "graft-10-ema", "grafted"),
     ("the defaults + EMA", "graft-10-ema", "ema_grafted"),
+    ("K/2 grafted networks of 2 data-parallel replicas", "graft-pairs", "grafted"),
 )
 
 
@@ -273,7 +290,8 @@ def _hardware(cfg: TrainConfig, what: str, k: int) -> tuple[int, str]:
     """Compute (network-epochs) and workers x steps of one row."""
     steps = (cfg.train_subset or 60000) // cfg.batch_size * cfg.epochs
     if cfg.replicas > 1:
-        return cfg.epochs, f"{cfg.replicas} x {steps}"
+        nets = cfg.peers if cfg.graft else 1
+        return cfg.epochs * nets, f"{cfg.replicas * nets} x {steps}"
     if what.endswith("grafted") or what.startswith("ensemble"):
         return cfg.epochs * k, f"{k} x {steps}"
     return cfg.epochs, f"1 x {steps}"
