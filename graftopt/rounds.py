@@ -222,7 +222,7 @@ class Participant:
         if _participant_of(host) is not None:
             raise ValueError(
                 f"this {type(host).__name__} is already the host of another GraftOptimizer; "
-                "wrap each model once"
+                "wrap each model once, or call close() on the other wrapper first"
             )
         RoundGroup.join(self)
         _HOSTS[id(host)] = self

@@ -531,7 +531,7 @@ def test_bad_peers(nets):
 
 def test_model_wrapped_twice_is_refused(nets):
     keep = GraftOptimizer(torch.optim.SGD(nets[0].parameters(), lr=0.1), [nets[1]], every=1)
-    with pytest.raises(ValueError, match="already the host"):
+    with pytest.raises(ValueError, match=r"already the host.*close\(\) on the other wrapper first"):
         GraftOptimizer(torch.optim.SGD(nets[0].parameters(), lr=0.1), [nets[2]], every=1)
     del keep
     GraftOptimizer(torch.optim.SGD(nets[0].parameters(), lr=0.1), [nets[2]], every=1)

@@ -443,6 +443,23 @@ def test_bad_idx_files_give_one_line_errors(
     code, _, err = _run(["train", "--data-dir", str(root), "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and "holds label 12, outside 0..9" in err, err
     assert len(err.strip().splitlines()) == 1
+    # Images that are not bytes, labels that are not integers: refused, never truncated.
+    for name, array, said in (
+        ("t10k-labels-idx1-ubyte", np.resize(labels, 24).astype(">f4"), "holds >f4 labels"),
+        ("train-images-idx3-ubyte.gz", images.astype(">f4") / 255, "holds >f4 images"),
+        ("train-images-idx3-ubyte.gz", images.astype(">i2"), "holds >i2 images"),
+    ):
+        root = _write_idx(tmp_path / f"idx-{len(said)}-{array.dtype.kind}")
+        kind = {"f": 0x0D, "i": 0x0B}[array.dtype.kind]
+        raw = struct.pack(">BBBB", 0, 0, kind, array.ndim) + struct.pack(
+            f">{array.ndim}I", *array.shape
+        )
+        body = raw + array.tobytes()
+        (root / name).write_bytes(gzip.compress(body) if name.endswith(".gz") else body)
+        code, _, err = _run(
+            ["train", "--data-dir", str(root), "--output", str(tmp_path / "o")], capsys
+        )
+        assert code == 2 and said in err and "Traceback" not in err, err
 
 
 def test_unwritable_output_is_refused_before_training(

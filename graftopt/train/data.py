@@ -135,13 +135,24 @@ def _find_idx(name: str, data_dir: str | None, split: str) -> tuple[Path, Path]:
 def _idx_dataset(name: str, data_dir: str | None, split: str) -> IdxDataset:
     images, labels = _find_idx(name, data_dir, split)
     ys = read_idx(labels)
+    if not np.issubdtype(ys.dtype, np.integer):
+        raise DataError(
+            f"{labels} holds {ys.dtype} labels: IDX labels must be integers (a float label "
+            "would be truncated to a class silently)"
+        )
     bad = ys[(ys < 0) | (ys >= IDX_CLASSES)] if ys.size else ys
     if bad.size:
         raise DataError(
             f"{labels} holds label {int(bad[0])}, outside 0..{IDX_CLASSES - 1} "
             f"({bad.size} such labels)"
         )
-    return IdxDataset(read_idx(images), ys)
+    xs = read_idx(images)
+    if xs.dtype != np.uint8:
+        raise DataError(
+            f"{images} holds {xs.dtype} images: IDX images must be unsigned bytes (0-255, as "
+            "MNIST's); convert them to uint8"
+        )
+    return IdxDataset(xs, ys)
 
 
 @dataclass
