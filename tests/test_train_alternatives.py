@@ -181,3 +181,16 @@ def test_help_shows_each_default_once(capsys: pytest.CaptureFixture[str]) -> Non
     assert "(default: None)" not in text
     assert "mutual distillation alone) (default" not in text  # --no-graft: a switch
     assert "(default: 1) (default" not in text and text.count("--replicas D") >= 1
+
+
+def test_a_fixed_size_model_is_refused_naming_img_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _write_folder(tmp_path / "data")
+    args = ["train", "--dataset", "folder", "--data-dir", str(folder), "--epochs", "1", *ONE]
+    model = ["--model", "vit_tiny_patch16_224", "--output", str(tmp_path / "o")]
+    assert main([*args, *model]) == 2
+    err = capsys.readouterr().err
+    assert "--model vit_tiny_patch16_224 does not take 3x16x16 images" in err, err
+    assert "Give --img-size to resize the data (its default input is 3x224x224)" in err
+    assert len(err.strip().splitlines()) == 1

@@ -187,6 +187,30 @@ def replica_step(
     return total
 
 
+@torch.no_grad()
+def check_input_size(
+    model: nn.Module, cfg: TrainConfig, spec: DataSpec, device: torch.device
+) -> None:
+    """Refuse, before training, a model that does not take the data's images (a fixed input
+    size, such as a ViT's), naming ``--img-size``. One forward pass in eval mode: no norm
+    statistic moves and no random number is drawn."""
+    x = torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size, device=device)
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        size = getattr(model, "pretrained_cfg", {}).get("input_size")
+        hint = f" (its default input is {'x'.join(map(str, size))})" if size else ""
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"--model {cfg.model} does not take {spec.in_chans}x{spec.img_size}x{spec.img_size} "
+            f"images: {first}. Give --img-size to resize the data{hint}"
+        ) from None
+    finally:
+        model.train(was)
+
+
 def norm_batches(spec: DataSpec, cfg: TrainConfig, count: int, *words: int) -> list[torch.Tensor]:
     """``count`` batches of training images (no augmentation), a function of ``words`` only.
 
@@ -682,6 +706,7 @@ def _train(
     every = cfg.graft_every or steps
     lanes = world.lanes(cfg)
     nets = build_nets(cfg, spec, device, lanes)
+    check_input_size(nets[0].model, cfg, spec, device)
     attach_averages(nets, cfg)
     attach_grafting(nets, cfg, every, world, spec)
     attach_schedulers(nets, cfg, steps)
