@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
+import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -43,6 +44,7 @@ from torch.utils.data import Dataset
 
 from . import models as _models  # noqa: F401  (registers the CIFAR networks with timm)
 from .distributed import AllPeers, RingPeers, peer_groups
+from .distributed.comm import DEFAULT_TIMEOUT
 from .grafter import EVERY
 from .optimizer import GraftOptimizer
 
@@ -56,6 +58,20 @@ DEFAULTS: Mapping[str, Any] = {}
 
 PEER = "{peer}"
 REPLICAS_ENV = "GRAFTOPT_REPLICAS"
+TIMEOUT_ENV = "GRAFTOPT_PEER_TIMEOUT"
+
+
+def _timeout(given: float | None) -> float:
+    """``given``, else the environment's ``GRAFTOPT_PEER_TIMEOUT``, else the default."""
+    if given is None:
+        text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT))
+        try:
+            given = float(text)
+        except ValueError:
+            _fail(f"{TIMEOUT_ENV}={text!r} is not a number of seconds")
+    if not (math.isfinite(given) and given > 0):  # type: ignore[arg-type]
+        _fail(f"the peer timeout must be a positive number of seconds, got {given!r}")
+    return float(given)  # type: ignore[arg-type]
 
 
 def _fail(message: str) -> None:
@@ -87,7 +103,7 @@ class TimmPeers:
     seed: int
     same_init: bool = True
     resumed: bool = False
-    timeout: float = 300.0
+    timeout: float = DEFAULT_TIMEOUT
     grad_accum_steps: int = 1
     replicas: int = 1
     replica: int = 0
@@ -246,7 +262,7 @@ def setup(
     *,
     replicas: int | None = None,
     same_init: bool = True,
-    timeout: float = 300.0,
+    timeout: float | None = None,
 ) -> TimmPeers:
     """Make this torchrun rank one peer (or one replica of a peer) of a grafting run of timm's
     ``train.py``.
@@ -283,6 +299,7 @@ def setup(
         replicas = int(given)
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         _fail(f"replicas must be an integer >= 1, got {replicas!r}")
+    timeout = _timeout(timeout)
     if world % replicas:
         _fail(f"the torchrun world of {world} ranks is not a multiple of replicas={replicas}")
     num_peers = world // replicas

@@ -238,3 +238,17 @@ def test_lookahead_sync_reaches_the_inner_optimizer() -> None:
 def test_rounds_every_n_updates(tmp_path: Path) -> None:
     _ok(_script(tmp_path, "--experiment", "n", "--graft-every", "4", "--epochs", "2"))
     assert [_peer(tmp_path, "n", p)[0]["rounds"] for p in range(2)] == [[4, 8, 12]] * 2
+
+
+def test_peer_timeout_comes_from_the_argument_or_the_environment(monkeypatch) -> None:
+    from graftopt.timm import TIMEOUT_ENV, _timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert _timeout(None) == 300.0
+    monkeypatch.setenv(TIMEOUT_ENV, "45")
+    assert _timeout(None) == 45.0 and _timeout(12) == 12.0
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="GRAFTOPT_PEER_TIMEOUT='soon' is not a number"):
+        _timeout(None)
+    with pytest.raises(ValueError, match="must be a positive number of seconds"):
+        _timeout(float("inf"))

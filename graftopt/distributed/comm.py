@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_TIMEOUT", "all_gather_tensors", "exchange_tensors"]
 
 DEFAULT_TIMEOUT = 300.0
+# After its exchange's timeout, the time a rank gives its peers to report (at most the timeout
+# itself): a hung peer is named within timeout + min(timeout, REPORT_MARGIN) seconds.
+REPORT_MARGIN = 30.0
 
 
 def _seconds(timeout: float | datetime.timedelta | None) -> float | None:

@@ -25,7 +25,14 @@ from torch import Tensor, nn
 
 from ..adapters.base import Adapter, Unit, tensor_table
 from ..peers import PeerSource, read_tensors
-from .comm import DEFAULT_TIMEOUT, _is_member, _seconds, all_gather_tensors, exchange_tensors
+from .comm import (
+    DEFAULT_TIMEOUT,
+    REPORT_MARGIN,
+    _is_member,
+    _seconds,
+    all_gather_tensors,
+    exchange_tensors,
+)
 from .store import source_store
 
 if TYPE_CHECKING:
@@ -272,10 +279,11 @@ class _StorePeers(PeerSource):
             report["error"] = f"{type(failure).__name__}: {str(failure)[:300]}"
             report["suspects"] = [self.ranks[j] for j in self._suspects()]
             note = f" (its exchange failed with {report['error']})"
-        # The confirmation waits one timeout longer than the exchange, so that a rank whose
+        # The confirmation waits a margin longer than the exchange, so that a rank whose
         # exchange timed out still reports in time and only the silent ranks get named.
         body = json.dumps(report).encode()
-        values = self._gather_store(f"round {r}", body, start, 2 * self.timeout, note)
+        limit = self.timeout + min(self.timeout, REPORT_MARGIN)
+        values = self._gather_store(f"round {r}", body, start, limit, note)
         reports = [json.loads(v) for v in values]
         failed = [j for j, rep in enumerate(reports) if not rep["ok"]]
         if failed:
@@ -302,7 +310,8 @@ class RingPeers(_StorePeers):
         group: the ranks that graft together, one per peer (default: the world). With
             data-parallel peers use the graft group of :func:`peer_groups`.
         timeout: seconds (or a timedelta) a rank waits at a round for its peers' data; a hung
-            peer is reported within twice this, a dead one usually sooner.
+            peer is reported within this plus ``min(timeout, 30)`` seconds, a dead one usually
+            sooner.
         history: how many rounds of :attr:`stats` to keep.
 
     Attributes:

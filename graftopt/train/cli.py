@@ -216,8 +216,8 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
         "--peer-timeout",
         type=float,
         default=_D.peer_timeout,
-        help="under torchrun: seconds a rank waits for its peers at a graft round before it "
-        "stops with an error naming them",
+        help="under torchrun: seconds a rank waits for its peers at a graft round; a hung peer "
+        "is named within this plus min(this, 30) seconds",
     )
     g = p.add_argument_group("what the same hardware does without grafting")
     g.add_argument(

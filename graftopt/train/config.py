@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from graftopt.distributed.comm import DEFAULT_TIMEOUT
 from graftopt.functional import check_bins
 from graftopt.grafter import EVERY, GraftSettings
 from graftopt.optimizer import OPTIMIZER_STATES
@@ -96,7 +97,7 @@ class TrainConfig:
     soup_recalibrate: int = 20
     diverse_lr: bool = False
     same_data_order: bool = False
-    peer_timeout: float = 300.0  # torchrun runs: seconds a rank waits for its peers at a round
+    peer_timeout: float = DEFAULT_TIMEOUT  # torchrun: seconds a rank waits for its peers
     # What the same hardware would do without grafting (docs/accuracy.md compares them):
     # each network as D data-parallel replicas, simulated in one process (DDP's gradients).
     replicas: int = 1
