@@ -178,8 +178,8 @@ class TimmPeers:
         wrapped = GraftOptimizer(
             optimizer, source, every=every, model=model, **{**DEFAULTS, **dict(graft or {})}
         )
-        if per_epoch:
-            wrapped.register_load_state_dict_post_hook(_warn_mid_epoch)
+        upe = self.updates_per_epoch(loader)
+        wrapped.register_load_state_dict_post_hook(lambda opt: _warn_mid_epoch(opt, upe))
         return wrapped
 
     def updates_per_epoch(self, loader: Iterable[Any]) -> int:
@@ -188,17 +188,17 @@ class TimmPeers:
         return (len(loader) + accum - 1) // accum  # type: ignore[arg-type]
 
 
-def _warn_mid_epoch(optimizer: GraftOptimizer) -> None:
+def _warn_mid_epoch(optimizer: GraftOptimizer, updates_per_epoch: int) -> None:
     # timm resumes a recovery checkpoint (--recovery-interval) at the start of the next epoch,
     # so the rest of the interrupted epoch's updates are never counted.
-    offset = optimizer.steps % optimizer.every
+    offset = optimizer.steps % updates_per_epoch
     if offset:
         warnings.warn(
-            f"graftopt.timm: resumed {offset} updates into an epoch (a recovery checkpoint): "
-            "timm starts the next epoch, so from now on every round comes "
-            f"{optimizer.every - offset} updates into an epoch instead of at its end. The "
-            "peers stay in step when all of them resume from the same update; resume from an "
-            "epoch checkpoint to keep rounds at epoch ends",
+            f"graftopt.timm: resumed {offset} updates into an epoch of {updates_per_epoch} (a "
+            "recovery checkpoint): timm starts the next epoch, so every later round comes "
+            f"{updates_per_epoch - offset} updates earlier in the data than in an "
+            "uninterrupted run. The peers stay in step when all of them resume from the same "
+            "update; resume from an epoch checkpoint to keep the rounds where they were",
             stacklevel=2,
         )
 

@@ -185,16 +185,19 @@ def test_setup_outside_torchrun_is_refused() -> None:
         graftopt.timm.setup(argparse.Namespace(distributed=False, seed=0))
 
 
-def test_resuming_mid_epoch_warns() -> None:
+@pytest.mark.parametrize("every", [6, 2])
+def test_resuming_mid_epoch_warns(every: int) -> None:
+    """Rounds shift on a resume from inside an epoch, whatever ``every`` (epochs of 6)."""
     model = make_net(0)
-    opt = GraftOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), [make_net(1)], every=6)
-    opt.register_load_state_dict_post_hook(graftopt.timm._warn_mid_epoch)
+    opt = GraftOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), [make_net(1)], every=every)
+    opt.register_load_state_dict_post_hook(lambda o: graftopt.timm._warn_mid_epoch(o, 6))
     state = opt.state_dict()
     state["graft"]["steps"] = 4
-    with pytest.warns(UserWarning, match="4 updates into an epoch"):
+    state["graft"]["arrived"] = state["graft"]["committed"] = 4 // every
+    with pytest.warns(UserWarning, match="4 updates into an epoch of 6"):
         opt.load_state_dict(state)
     state["graft"]["steps"] = 6
-    state["graft"]["arrived"] = state["graft"]["committed"] = 1
+    state["graft"]["arrived"] = state["graft"]["committed"] = 6 // every
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.load_state_dict(state)
