@@ -109,10 +109,33 @@ class TimmPeers:
     replica: int = 0
     graft_group: dist.ProcessGroup | None = None
     data_group: dist.ProcessGroup | None = None
+    sharded: bool = False  # shard() was called
+    prepared: bool = False  # prepare_distributed() was called
+
+    def check_prepared(self) -> None:
+        """Refuse D > 1 replicas whose script skipped :meth:`shard` or
+        :meth:`prepare_distributed`: each replica would train on all the data without the
+        gradient all-reduce, and the replicas of a network would drift apart."""
+        missing = [
+            call
+            for call, done in (
+                ("peers.shard(dataset_train)", self.sharded),
+                ("model = peers.prepare_distributed(task, ...)", self.prepared),
+            )
+            if not done
+        ]
+        if self.replicas > 1 and missing:
+            _fail(
+                f"{self.replicas} replicas per network ({REPLICAS_ENV} or setup(replicas=)), but "
+                f"the script never called {' and '.join(missing)}: each replica would train on "
+                "all the data with no gradient all-reduce and the replicas would drift apart. "
+                "Add the two lines of docs/timm.md (K networks of D replicas)"
+            )
 
     def shard(self, dataset: Dataset) -> Dataset:
         """This replica's share of ``dataset`` (a :class:`Shard`; ``dataset`` itself when
         ``replicas == 1``). Call it on timm's training set before ``create_loader``."""
+        self.sharded = True
         if self.replicas == 1:
             return dataset
         return Shard(dataset, self.replicas, self.replica, seed=self.seed + self.peer)
@@ -125,6 +148,7 @@ class TimmPeers:
         ``ddp_kwargs``: as for timm's ``task.prepare_distributed`` (``device_ids``,
         ``broadcast_buffers``...); CPU device ids are dropped, as DDP wants.
         """
+        self.prepared = True
         prepare = getattr(task, "prepare_distributed", None)
         ids = ddp_kwargs.get("device_ids")
         if ids is not None and all(torch.device(d).type == "cpu" for d in ids):
@@ -180,6 +204,8 @@ class TimmPeers:
         )
         upe = self.updates_per_epoch(loader)
         wrapped.register_load_state_dict_post_hook(lambda opt: _warn_mid_epoch(opt, upe))
+        # timm wraps the model in DDP after making the optimizer: checked at the first step.
+        wrapped.register_step_pre_hook(lambda opt, args, kwargs: self.check_prepared())
         return wrapped
 
     def updates_per_epoch(self, loader: Iterable[Any]) -> int:

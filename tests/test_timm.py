@@ -255,3 +255,26 @@ def test_peer_timeout_comes_from_the_argument_or_the_environment(monkeypatch) ->
         _timeout(None)
     with pytest.raises(ValueError, match="must be a positive number of seconds"):
         _timeout(float("inf"))
+
+
+def test_replicas_without_shard_and_ddp_are_refused() -> None:
+    """GRAFTOPT_REPLICAS with the three-line script would let the replicas drift apart."""
+    from graftopt.timm import TimmPeers
+
+    peers = TimmPeers(peer=0, num_peers=2, seed=0, replicas=2)
+    with pytest.raises(ValueError, match=r"never called peers.shard\(dataset_train\) and model"):
+        peers.check_prepared()
+    peers.shard(list(range(8)))
+    with pytest.raises(ValueError, match=r"never called model = peers.prepare_distributed"):
+        peers.check_prepared()
+
+    class Task:
+        def prepare_distributed(self, **kwargs) -> None:
+            pass
+
+        def get_trainable_module(self) -> nn.Module:
+            return nn.Linear(2, 2)
+
+    peers.prepare_distributed(Task())
+    peers.check_prepared()
+    TimmPeers(peer=0, num_peers=2, seed=0).check_prepared()  # one replica: nothing to add
