@@ -224,7 +224,17 @@ def test_generic_adapter_names_what_no_unit_covers() -> None:
             self.rnn = nn.LSTM(8, 8)
             self.head = nn.Linear(8, 3)
 
+    class Attender(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.attn = nn.MultiheadAttention(8, 2)
+            self.scale = nn.Parameter(torch.ones(8))
+
     host = Tagger()
     with pytest.warns(RuntimeWarning, match=r"97 % of its parameters \(embed\.weight, rnn\."):
         opt = graftopt.GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.1), [Tagger()])
     assert [u.name for u in opt.units] == ["head"]
+    host = Attender()
+    with pytest.warns(RuntimeWarning, match=r"of Attender: 77 % .*\(attn\.in_proj_weight, "):
+        graftopt.GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.1), [Attender()])
