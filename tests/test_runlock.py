@@ -114,3 +114,16 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_old_one(
     monkeypatch.undo()
     assert torch.load(target, weights_only=True)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+def test_a_rank_checkpoint_of_another_rank_is_named_as_such() -> None:
+    from types import SimpleNamespace
+
+    from graftopt.train.world import Torchrun
+
+    world = Torchrun(SimpleNamespace(rank=1, world_size=2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="holds rank 0's networks: a checkpoint was renamed"):
+        world.check_resumed({"rank": 0, "world_size": 2})
+    with pytest.raises(ValueError, match="resume with as many processes as the run had"):
+        world.check_resumed({"rank": 1, "world_size": 3})
+    world.check_resumed({"rank": 1, "world_size": 2})

@@ -185,11 +185,17 @@ class Torchrun(World):
     def check_resumed(self, state: dict[str, Any]) -> None:
         ctx = self.ctx
         saved = (state.get("rank"), state.get("world_size"))
-        if saved != (ctx.rank, ctx.world_size):
+        if saved[1] != ctx.world_size:
             raise ValueError(
                 f"the checkpoint of rank {ctx.rank} says rank {saved[0]} of {saved[1]} "
                 f"processes; this job has {ctx.world_size}: resume with as many processes as "
                 "the run had"
+            )
+        if saved[0] != ctx.rank:
+            raise ValueError(
+                f"the checkpoint file of rank {ctx.rank} holds rank {saved[0]}'s networks: a "
+                "checkpoint was renamed or copied over another; restore each rank's "
+                "checkpoint-rank<r>-epoch<e>.pth as the run wrote it"
             )
 
     def check_epoch(self, epoch: int) -> None:
