@@ -1,6 +1,7 @@
-"""``python -m graftopt`` is the ``graftopt`` command: ``train`` (the default), ``report``,
-``inspect``."""
+"""``python -m graftopt`` is the ``graftopt`` command: ``train``, ``report``, ``inspect``."""
 
-import runpy
+import sys
 
-runpy.run_module("graftopt.train", run_name="__main__")
+from graftopt.train.cli import main
+
+sys.exit(main())

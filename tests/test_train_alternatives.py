@@ -145,10 +145,11 @@ def test_python_m_graftopt_is_the_command() -> None:
     import subprocess
     import sys
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "graftopt", "--help"], capture_output=True, text=True, timeout=120
-    )
+    run = [sys.executable, "-m", "graftopt"]
+    proc = subprocess.run([*run, "train", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--model-ema" in proc.stdout, proc.stderr
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=120)  # the commands
+    assert proc.returncode == 0 and "{train,report,inspect}" in proc.stdout, proc.stderr
 
 
 def test_resume_follows_moved_data_and_refuses_changed_data(

@@ -408,6 +408,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``graftopt`` console script; returns the exit status."""
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help()  # the commands
+        return 0
     args = parser.parse_args(argv)
     preset = getattr(args, "graft_preset", None)
     if preset is not None:
