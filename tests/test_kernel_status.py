@@ -170,3 +170,15 @@ def test_cc_with_arguments_is_a_compiler(fresh: pytest.MonkeyPatch, tmp_path: Pa
     with pytest.warns(RuntimeWarning, match="compile failed"):
         assert cpu.library() is None
     assert cpu.status() == "compile failed: cc got --wrapped"
+
+
+def test_needs_build_says_whether_a_compile_is_coming(
+    fresh: pytest.MonkeyPatch, built: Path, tmp_path: Path
+) -> None:
+    assert cpu.needs_build()  # an empty cache
+    _copy_cache(built, tmp_path / "cache")
+    assert not cpu.needs_build()
+    assert cpu.library() is not None and not cpu.needs_build()
+    fresh.setenv("GRAFTOPT_NO_CKERNEL", "1")
+    cpu.library.cache_clear()
+    assert not cpu.needs_build()

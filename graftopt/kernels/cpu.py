@@ -156,6 +156,30 @@ def _unavailable(reason: str, hint: str) -> None:
     )
 
 
+def _build_plan() -> tuple[list[str], list[str], Path]:
+    """The compiler command words, the flags, and the library's path in the cache: one file
+    per source, flags, compiler and machine."""
+    # CC may carry arguments ("ccache gcc", "gcc -std=gnu11"), as make reads it.
+    cc_words = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or "gcc"]
+    # GRAFTOPT_CKERNEL_PORTABLE=1 builds without the AVX-512 paths (what other CPUs run).
+    flags = _FLAGS + (["-DGRAFT_PORTABLE_ONLY"] if _on("GRAFTOPT_CKERNEL_PORTABLE") else [])
+    source = SOURCE_FILE.read_text()
+    ident = "\0".join(
+        [source, " ".join(flags), " ".join(cc_words), platform.machine(), platform.system()]
+    )
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return cc_words, flags, _cache_dir() / f"graftopt_cpu_{key}.so"
+
+
+def needs_build() -> bool:
+    """Whether the next :func:`library` call compiles (seconds): switched on, not loaded yet,
+    and not in the cache."""
+    if _on("GRAFTOPT_NO_CKERNEL") or library.cache_info().currsize:
+        return False
+    _, _, target = _build_plan()
+    return not (target.exists() and target.with_suffix(".sha256").exists())
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None when they cannot be built here (or are switched off).
@@ -167,9 +191,7 @@ def library() -> ctypes.CDLL | None:
     if _on("GRAFTOPT_NO_CKERNEL"):
         _STATUS = "switched off (GRAFTOPT_NO_CKERNEL=1)"
         return None
-    # CC may carry arguments ("ccache gcc", "gcc -std=gnu11"), as make reads it.
-    cc_words = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or "gcc"]
-    cc = " ".join(cc_words)
+    cc_words, flags, target = _build_plan()
     if shutil.which(cc_words[0]) is None:
         _unavailable(
             f"no compiler: {cc_words[0]} not found",
@@ -177,12 +199,6 @@ def library() -> ctypes.CDLL | None:
             "this.",
         )
         return None
-    source = SOURCE_FILE.read_text()
-    # GRAFTOPT_CKERNEL_PORTABLE=1 builds without the AVX-512 paths (what other CPUs run).
-    flags = _FLAGS + (["-DGRAFT_PORTABLE_ONLY"] if _on("GRAFTOPT_CKERNEL_PORTABLE") else [])
-    ident = "\0".join([source, " ".join(flags), cc, platform.machine(), platform.system()])
-    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"graftopt_cpu_{key}.so"
     try:
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _check_private(target.parent)

@@ -35,6 +35,7 @@ import graftopt
 from graftopt import GraftOptimizer, RoundRecord, invalid_filters
 from graftopt import models as _models  # noqa: F401  (registers the CIFAR networks with timm)
 from graftopt.adapters.channels import channel_spaces
+from graftopt.kernels import cpu as cpu_kernels
 from graftopt.matching import matched
 from graftopt.recalibrate import frozen_norm_statistics, recalibrate_norms
 
@@ -758,6 +759,12 @@ def _train(
     if about is not None:
         progress.write(about)
     progress.write(f"output: {out}")
+    if cfg.graft and device.type == "cpu" and cpu_kernels.needs_build():
+        progress.write(
+            "building graftopt's CPU kernels (once, several seconds; "
+            "python -m graftopt.kernels build does it ahead of time)"
+        )
+        cpu_kernels.library()
     val = eval_loader(spec, cfg)
     stop = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, epoch0 + cfg.stop_after)
     progress.start(epoch0, cfg.epochs)
