@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .adapters import Adapter, Unit, get_adapter, unwrap
-from .adapters.base import validate_units
+from .adapters.base import nonempty, validate_units
 from .adapters.channels import channel_spaces
 from .adapters.generic import GenericAdapter, warn_uncovered
 from .diagnostics import RoundRecord
@@ -325,6 +325,7 @@ class GraftOptimizer(Optimizer):
         self.adapter = adapter if adapter is not None else get_adapter(host)
         units = self.adapter.units(host)
         validate_units(host, units)
+        units = nonempty(host, units)
         if type(self.adapter) is GenericAdapter:
             warn_uncovered(host, units)
         # Peers are checked against the whole architecture, frozen layers included.

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from .adapters.base import Adapter, TensorRefs, Unit, tensor_table, unwrap
+from .adapters.base import Adapter, TensorRefs, Unit, nonempty, tensor_table, unwrap
 
 if TYPE_CHECKING:
     from .grafter import GraftSettings
@@ -41,7 +41,7 @@ def check_alignment(
     host: nn.Module, units: Sequence[Unit], peer: nn.Module, adapter: Adapter, who: str
 ) -> None:
     """Raise a ValueError naming the first unit or tensor where ``peer`` differs from ``host``."""
-    peer_units = adapter.units(peer)
+    peer_units = nonempty(peer, adapter.units(peer))
     if len(peer_units) != len(units):
         raise ValueError(f"{who} has {len(peer_units)} graft units, the host has {len(units)}")
     host_table, peer_table = tensor_table(host), tensor_table(peer)

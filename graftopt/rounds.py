@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import Adapter, get_adapter
-from .adapters.base import unwrap, validate_units
+from .adapters.base import nonempty, unwrap, validate_units
 from .adapters.channels import channel_spaces
 from .diagnostics import RoundRecord
 from .grafter import Grafter, GraftSettings, RoundPlan, check_rate
@@ -59,6 +59,7 @@ def graft_(
     adapter = adapter if adapter is not None else get_adapter(host)
     units = adapter.units(host)
     validate_units(host, units)
+    units = nonempty(host, units)
     source = ModulePeers(list(peers))
     source.bind(host, units, adapter)
     grafter = Grafter(host, units, source, GraftSettings(A, c, bins, level, criterion))

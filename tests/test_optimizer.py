@@ -856,3 +856,25 @@ def test_rate_by_lr_follows_onecycle_peak_and_warns_under_cyclic() -> None:
         assert opt.current_rate() == 1.0
     inner.param_groups[0]["max_lr"] = 1.0
     assert opt.current_rate() == pytest.approx(0.5 * inner.param_groups[0]["lr"])
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("criterion", ["entropy", "l1"])
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0)])
+def test_empty_layers_are_left_out_of_rounds(criterion: str, shape) -> None:
+    """A layer with zero filters or zero inputs has nothing to score: it is no unit."""
+
+    def seq(seed: int) -> nn.Sequential:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 4), nn.Linear(*shape), nn.Linear(shape[1], 3))
+
+    host, peer = seq(0), seq(1)
+    before = _state(host)
+    opt = GraftOptimizer(
+        torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1, criterion=criterion
+    )
+    assert "1" not in [u.name for u in opt.units]
+    opt.step()
+    assert opt.rounds == 1
+    assert all(torch.isfinite(v).all() for v in host.state_dict().values())
+    assert not torch.equal(host[0].weight, before["0.weight"])

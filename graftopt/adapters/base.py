@@ -122,6 +122,13 @@ def _why_missing(model: nn.Module, name: str) -> str:
     return f"the model has no tensor {name!r}"
 
 
+def nonempty(model: nn.Module, units: Sequence[Unit]) -> list[Unit]:
+    """``units`` without those whose scored tensors hold no element (a layer with zero
+    filters or zero inputs): there is nothing to score, and a round leaves them as they are."""
+    table = tensor_table(model)
+    return [u for u in units if any(table[n].numel() for n in u.scored)]
+
+
 def validate_units(model: nn.Module, units: Sequence[Unit]) -> None:
     """Refuse, naming the layer and the reason, units a round could not blend: lazy layers not
     yet initialized, parametrized weights, missing tensors, and a tensor in two places (tied
@@ -148,11 +155,6 @@ def validate_units(model: nn.Module, units: Sequence[Unit]) -> None:
                     f"cannot graft unit {unit.name!r}: {name} is on the meta device (no values "
                     "yet); materialize the model first (to_empty(device=...) and initialize, "
                     "or load its weights), then wrap it"
-                )
-            if t.numel() == 0:
-                raise ValueError(
-                    f"cannot graft unit {unit.name!r}: {name} has no elements (shape "
-                    f"{tuple(t.shape)}); give an adapter whose units leave the empty layer out"
                 )
             other = first.setdefault(id(t), name)
             if other != name:
