@@ -106,7 +106,11 @@ def warn_uncovered(model: nn.Module, units: list[Unit]) -> None:
     embeddings, loose parameters): rounds leave them as they are."""
     covered = {n for u in units for n in u.members}
     params = dict(model.named_parameters())
-    left = {n: p.numel() for n, p in params.items() if p.is_floating_point() and n not in covered}
+    left = {
+        n: p.numel()
+        for n, p in params.items()
+        if p.is_floating_point() and p.numel() and n not in covered
+    }
     if not left:
         return
     total = sum(p.numel() for p in params.values() if p.is_floating_point())
