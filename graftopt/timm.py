@@ -204,8 +204,13 @@ class TimmPeers:
         )
         upe = self.updates_per_epoch(loader)
         wrapped.register_load_state_dict_post_hook(lambda opt: _warn_mid_epoch(opt, upe))
+
         # timm wraps the model in DDP after making the optimizer: checked at the first step.
-        wrapped.register_step_pre_hook(lambda opt, args, kwargs: self.check_prepared())
+        def first_step(*_: Any) -> None:
+            self.check_prepared()
+            handle.remove()
+
+        handle = wrapped.register_step_pre_hook(first_step)
         return wrapped
 
     def updates_per_epoch(self, loader: Iterable[Any]) -> int:
