@@ -554,9 +554,9 @@ def _net_rows(
     rows = []
     for net in nets:
         coarse, fine = invalid_filters(net.model, 0.1), invalid_filters(net.model, 0.01)
-        grafting = net.optimizer if isinstance(net.optimizer, GraftOptimizer) else None
-        if net.average:
-            grafting = None
+        # An EMA or SWA view shares its network's optimizer but makes no rounds itself.
+        grafting = net.optimizer if not net.average else None
+        grafting = grafting if isinstance(grafting, GraftOptimizer) else None
         rows.append(
             {
                 "epoch": epoch + 1,
