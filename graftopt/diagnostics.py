@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .adapters.base import unwrap
+
+# Frames of these packages are not the user's: a round's warnings point past them.
+_INTERNAL = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller point at the first frame
+    outside graftopt and torch: the user's ``opt.step()`` line, not torch's optimizer wrapper."""
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
 
 __all__ = ["InvalidFilters", "RoundRecord", "invalid_filters"]
 

@@ -17,7 +17,7 @@ from .adapters import Adapter, Unit, get_adapter, unwrap
 from .adapters.base import nonempty, validate_units
 from .adapters.channels import channel_spaces
 from .adapters.generic import GenericAdapter, warn_uncovered
-from .diagnostics import RoundRecord
+from .diagnostics import RoundRecord, user_stacklevel
 from .grafter import EVERY, Grafter, GraftSettings, check_rate
 from .peers import ModulePeers, PeerSource
 from .recalibrate import Recalibration
@@ -465,7 +465,7 @@ class GraftOptimizer(Optimizer):
                 "its peak (CyclicLR, a warm-up) and the rate stays at its cap until the "
                 "learning rate falls below that; set the group's 'max_lr' to the peak",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         scaled = self.rate * (lr / initial if initial > 0 else 1.0)
         # A rate of exactly 0 is no round; the floor keeps the round a (tiny) blend.

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .adapters import Adapter, get_adapter
 from .adapters.base import nonempty, unwrap, validate_units
 from .adapters.channels import channel_spaces
-from .diagnostics import RoundRecord
+from .diagnostics import RoundRecord, user_stacklevel
 from .grafter import Grafter, GraftSettings, RoundPlan, check_rate
 from .inplace import InPlaceRound, in_place_round
 from .peers import ModulePeers, read_tensors
@@ -69,7 +69,7 @@ def graft_(
     plan = grafter.plan(read_tensors(host, grafter.names), source.fetch(grafter.names))
     (unit_ok,) = _write_round([grafter], [plan], [None])
     record = dataclasses.replace(plan.record, skipped=grafter.skipped(unit_ok))
-    _warn_skipped(record, host, stacklevel=3)
+    _warn_skipped(record, host)
     return record
 
 
@@ -96,14 +96,14 @@ def _write_round(
     return [b.unit_ok for b in blends]
 
 
-def _warn_skipped(record: RoundRecord, host: nn.Module, stacklevel: int) -> None:
+def _warn_skipped(record: RoundRecord, host: nn.Module) -> None:
     if record.skipped:
         warnings.warn(
             f"graft round {record.round or ''}: units {list(record.skipped)} of "
             f"{type(host).__name__} hold NaN or Inf in the host or a peer and were left as "
             "they were",
             RuntimeWarning,
-            stacklevel=stacklevel + 1,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -247,7 +247,7 @@ class Participant:
                 "round changes nothing. Peers need their own data order (and DDP only over a "
                 "peer's own replicas)",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=user_stacklevel(),
             )
 
     def close(self) -> None:
@@ -349,6 +349,6 @@ def _commit(group: RoundGroup, members: Sequence[Participant], r: int) -> None:
         rec = dataclasses.replace(
             plan.record, round=r, step=r * p.every, skipped=p.grafter.skipped(ok)
         )
-        _warn_skipped(rec, p.host, stacklevel=4)
+        _warn_skipped(rec, p.host)
         p.warn_if_replicas(rec)
         p.on_round(rec)

@@ -878,3 +878,13 @@ def test_empty_layers_are_left_out_of_rounds(criterion: str, shape) -> None:
     assert opt.rounds == 1
     assert all(torch.isfinite(v).all() for v in host.state_dict().values())
     assert not torch.equal(host[0].weight, before["0.weight"])
+
+
+def test_round_warnings_point_at_the_users_step() -> None:
+    host, peer = make_net(0), make_net(1)
+    with torch.no_grad():
+        peer.fc.weight.fill_(float("nan"))
+    opt = GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1)
+    with pytest.warns(RuntimeWarning, match="hold NaN or Inf") as caught:
+        opt.step()
+    assert caught[0].filename == __file__
