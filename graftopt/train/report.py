@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .summary import format_table, read_csv, summarize
+from .summary import ENSEMBLES, format_table, read_csv, summarize
 
 __all__ = ["MissingMatplotlib", "report", "write_plots"]
 
@@ -35,32 +35,39 @@ def _integer_ticks() -> Any:
     return MaxNLocator(integer=True)
 
 
-def _style(kind: str) -> dict[str, Any]:
-    return {
+def _style(kind: str, lane: Any) -> dict[str, Any]:
+    """Line style by kind (EMA and SWA dash-dotted); width by lane, widest first, so that
+    networks with equal curves (a grafted pair after full rounds) stay visible."""
+    average, _, base = kind.rpartition("_")
+    style = {
         "grafted": {"linestyle": "-", "marker": "o"},
         "peer": {"linestyle": "-", "marker": "d"},
         "baseline": {"linestyle": "--", "marker": "s"},
         "ensemble": {"linestyle": ":", "marker": "^"},
-        "soup": {"linestyle": "", "marker": "*"},
-    }.get(kind, {})
+        "soup": {"linestyle": "", "marker": "*", "markersize": 9},
+    }.get(base, {})
+    if average:
+        style = {**style, "linestyle": "-."}
+    if isinstance(lane, int):
+        style["linewidth"] = max(0.8, 3.2 - 0.8 * lane)
+    return style
 
 
 def _curves(ax: Any, rows: list[dict[str, Any]], key: str) -> None:
     """One line per network: ``key`` over epochs, styled by the network's kind."""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    kinds = {}
+    kinds, lanes = {}, {}
     for r in rows:
         if r.get(key) is not None:
             series[r["network"]].append((r["epoch"], r[key]))
-            kinds[r["network"]] = r["kind"]
+            kinds[r["network"]], lanes[r["network"]] = r["kind"], r.get("lane")
     for name, points in series.items():
         points.sort()
         ax.plot(
             [e for e, _ in points],
             [v for _, v in points],
-            label=name,
-            markersize=3,
-            **_style(kinds[name]),
+            label=ENSEMBLES.get(name, name) + (" (last epoch)" if name.startswith("soup") else ""),
+            **{"markersize": 3, **_style(kinds[name], lanes[name])},
         )
 
 
@@ -70,7 +77,10 @@ def _accuracy(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_ylabel("validation top-1 (%)")
-    ax.set_title("grafted (solid) vs baseline (dashed) vs ensembles (dotted)")
+    ax.set_title(
+        "grafted (solid) vs baseline (dashed) vs ensembles (dotted); lane 0 widest",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -121,7 +131,8 @@ def _invalid(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for ax, key in zip(axes, ("invalid_0.1", "invalid_0.01"), strict=True):
         _curves(ax, rows, key)
-        ax.set_title(f"invalid filters (l1 < {key.split('_')[1]})")
+        total = max((int(r["filters"]) for r in rows if r.get("filters")), default=0)
+        ax.set_title(f"invalid filters (l1 < {key.split('_')[1]}) of {total} per network")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(_integer_ticks())
         ax.yaxis.set_major_locator(_integer_ticks())
