@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from graftopt.distributed.comm import DEFAULT_TIMEOUT
-from graftopt.functional import check_bins
+from graftopt.functional import MAX_BINS, check_bins
 from graftopt.grafter import EVERY, GraftSettings
 from graftopt.optimizer import OPTIMIZER_STATES
 
@@ -179,8 +179,10 @@ class TrainConfig:
             raise ValueError(f"--peer-timeout must be > 0 seconds, got {self.peer_timeout}")
         try:
             check_bins(self.graft_bins)
-        except ValueError as e:
-            raise ValueError(f"--graft-{e}") from None
+        except ValueError:
+            raise ValueError(
+                f"--graft-bins must be an integer in [2, {MAX_BINS}], got {self.graft_bins}"
+            ) from None
         if not 0.0 <= self.graft_A <= 1.0:
             raise ValueError(f"--graft-A must lie in [0, 1], got {self.graft_A}")
         if not (self.graft_c >= 0.0 and math.isfinite(self.graft_c)):

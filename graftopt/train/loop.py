@@ -768,6 +768,7 @@ def _train(
     val = eval_loader(spec, cfg)
     stop = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, epoch0 + cfg.stop_after)
     progress.start(epoch0, cfg.epochs)
+    swa_batches: dict[int, list[torch.Tensor]] = {}
     try:
         for epoch in range(epoch0, stop):
             current["epoch"] = epoch
@@ -781,9 +782,12 @@ def _train(
             for net in nets:
                 if swa_ready and net.swa is not None:
                     net.swa.update_parameters(net.model)
-                    # The average's own norm statistics, as swa_utils.update_bn gives them.
-                    batches = norm_batches(spec, cfg, cfg.soup_recalibrate or 20, 7, net.lane)
-                    recalibrate_norms(net.swa.module, batches)
+                    # The average's own norm statistics, as swa_utils.update_bn gives them,
+                    # from batches that depend on the lane only: drawn once per lane.
+                    if net.lane not in swa_batches:
+                        count = cfg.soup_recalibrate or 20
+                        swa_batches[net.lane] = norm_batches(spec, cfg, count, 7, net.lane)
+                    recalibrate_norms(net.swa.module, swa_batches[net.lane])
             evaluated = list(nets) + [v for n in nets for v in n.averages(swa_ready)]
             acc = evaluate(evaluated, val, cfg, device, world)
             if epoch + 1 == cfg.epochs:
