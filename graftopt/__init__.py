@@ -5,7 +5,6 @@ from . import functional as functional
 from .diagnostics import InvalidFilters as InvalidFilters
 from .diagnostics import RoundRecord as RoundRecord
 from .diagnostics import invalid_filters as invalid_filters
-from .grafter import GraftSettings as GraftSettings
 from .optimizer import GraftOptimizer as GraftOptimizer
 from .optimizer import ring as ring
 from .peers import ModulePeers as ModulePeers
@@ -13,6 +12,7 @@ from .peers import PeerSource as PeerSource
 from .recalibrate import Recalibration as Recalibration
 from .recalibrate import recalibrate_norms as recalibrate_norms
 from .rounds import graft_ as graft_
+from .settings import GraftSettings as GraftSettings
 
 __version__ = "0.1.0"
 

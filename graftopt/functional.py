@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .settings import DEFAULTS, check
+
 __all__ = [
     "EntropyPlan",
     "MixPlan",
@@ -42,18 +44,17 @@ __all__ = [
     "segment_l1",
 ]
 
-# The paper's alpha curve and histogram: the one place these defaults are written
-# (GraftSettings, and through it the optimizer and the command line, take them from here).
-PAPER_A = 0.4
-PAPER_C = 500.0
-BINS = 10
-MAX_BINS = 256  # the round kernels' histogram size (kernels/cpu.c MAXBINS)
+# The paper's alpha curve and histogram, as the settings schema defines them.
+PAPER_A = DEFAULTS.A
+PAPER_C = DEFAULTS.c
+BINS = DEFAULTS.bins
 
 
 def check_bins(bins: object) -> None:
     """Refuse a bin count the round kernels cannot count."""
-    if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
-        raise ValueError(f"bins must be an integer in [2, {MAX_BINS}], got {bins!r}")
+    problem = check({"bins": bins})
+    if problem:
+        raise ValueError(problem)
 
 
 def _segment_entropy_torch(values: Tensor, lengths: Sequence[int], bins: int) -> Tensor:

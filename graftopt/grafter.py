@@ -10,7 +10,6 @@ alpha columns) is built once per layout and checked each round against a key per
 from __future__ import annotations
 
 import itertools
-import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,50 +23,9 @@ from .diagnostics import RoundRecord
 from .kernels import cpu
 from .matching import ChannelSpaces, matched
 from .peers import PeerSource
+from .settings import GraftSettings
 
-__all__ = ["Blend", "GraftSettings", "Grafter", "RoundPlan", "check_rate"]
-
-LEVELS = ("layer", "filter")
-CRITERIA = ("entropy", "l1", "bn")
-
-
-# Optimizer steps between rounds: the recipe the accuracy study found to pay (docs/accuracy.md)
-# when the networks start from one set of weights.
-EVERY = 10
-
-
-@dataclass(frozen=True)
-class GraftSettings:
-    """Hyper-parameters of a round; validated on construction."""
-
-    A: float = F.PAPER_A
-    c: float = F.PAPER_C
-    bins: int = F.BINS
-    level: str = "layer"
-    criterion: str = "entropy"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.A <= 1.0:
-            raise ValueError(f"A must lie in [0, 1], got {self.A}")
-        # Finite only: c = inf makes tied scores give alpha = inf * 0 = NaN.
-        if not (self.c >= 0.0 and math.isfinite(self.c)):
-            raise ValueError(f"c must be a finite number >= 0, got {self.c}")
-        F.check_bins(self.bins)
-        if self.level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
-        if self.criterion == "bn" and self.level != "filter":
-            raise ValueError(
-                "criterion='bn' scores each filter by its norm scale: use level='filter'"
-            )
-
-
-def check_rate(rate: float) -> float:
-    """``rate`` as a float in (0, 1], or ``ValueError``."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0:
-        raise ValueError(f"rate must lie in (0, 1], got {rate!r}")
-    return float(rate)
+__all__ = ["Blend", "Grafter", "RoundPlan"]
 
 
 def toward_blend(table: Tensor, rate: float) -> Tensor:

@@ -18,17 +18,17 @@ from .adapters.base import nonempty, validate_units
 from .adapters.channels import channel_spaces
 from .adapters.generic import GenericAdapter, warn_uncovered
 from .diagnostics import RoundRecord, user_stacklevel
-from .grafter import EVERY, Grafter, GraftSettings, check_rate
+from .grafter import Grafter
 from .peers import ModulePeers, PeerSource
 from .recalibrate import Recalibration
 from .rounds import Participant
+from .settings import DEFAULTS, GraftSettings
 
 __all__ = ["GraftOptimizer", "ring"]
 
 # 2: the inner optimizer's entries at the top level (1: under "optimizer").
 _STATE_VERSION = 2
-_DEFAULT = GraftSettings()
-OPTIMIZER_STATES = ("keep", "reset")
+_D = DEFAULTS
 
 
 def _live_modules() -> list[nn.Module]:
@@ -239,23 +239,23 @@ class GraftOptimizer(Optimizer):
         optimizer: Optimizer,
         peers: Sequence[nn.Module] | PeerSource,
         *,
-        every: int = EVERY,
+        every: int = _D.every,
         model: nn.Module | None = None,
-        A: float = _DEFAULT.A,
-        c: float = _DEFAULT.c,
-        bins: int = _DEFAULT.bins,
-        level: str = _DEFAULT.level,
-        criterion: str = _DEFAULT.criterion,
+        A: float = _D.A,
+        c: float = _D.c,
+        bins: int = _D.bins,
+        level: str = _D.level,
+        criterion: str = _D.criterion,
         adapter: Adapter | None = None,
         callback: Callable[[RoundRecord], None] | None = None,
         history: int = 100,
-        rate: float = 1.0,
-        rate_by_lr: bool = False,
-        start: int = 0,
-        optimizer_state: str = "keep",
+        rate: float = _D.rate,
+        rate_by_lr: bool = _D.rate_by_lr,
+        start: int = _D.start,
+        optimizer_state: str = _D.optimizer_state,
         recalibrate: Recalibration | None = None,
-        frozen: str = "blend",
-        align: bool = False,
+        frozen: str = _D.frozen,
+        align: bool = _D.align,
     ) -> None:
         # super().__init__ is not called on purpose: it would register the parameters a second
         # time. The wrapper shares the inner optimizer's param_groups, state and defaults.
@@ -270,30 +270,21 @@ class GraftOptimizer(Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        settings = GraftSettings(
+            every=every, A=A, c=c, bins=bins, level=level, criterion=criterion, rate=rate,
+            rate_by_lr=rate_by_lr, start=start, optimizer_state=optimizer_state, frozen=frozen,
+            align=align,
+        )  # fmt: skip
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise ValueError(f"history must be an integer >= 0, got {history!r}")
-        check_rate(rate)
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be an integer >= 0, got {start!r}")
-        if optimizer_state not in OPTIMIZER_STATES:
-            raise ValueError(
-                f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}"
-            )
-        if frozen not in ("blend", "keep"):
-            raise ValueError(f"frozen must be 'blend' or 'keep', got {frozen!r}")
-        if not isinstance(align, bool):
-            raise TypeError(f"align must be True or False, got {align!r}")
         if recalibrate is not None and not isinstance(recalibrate, Recalibration):
             raise TypeError(
                 "recalibrate must be a graftopt.Recalibration(data, batches), got "
                 f"{type(recalibrate).__name__}"
             )
-        settings = GraftSettings(A=A, c=c, bins=bins, level=level, criterion=criterion)
         self.optimizer = optimizer
         self.rate = float(rate)
-        self.rate_by_lr = bool(rate_by_lr)
+        self.rate_by_lr = rate_by_lr
         self.optimizer_state = optimizer_state
         self.recalibrate = recalibrate
         self.callback = callback
@@ -660,7 +651,7 @@ def ring(
     models: Sequence[nn.Module],
     optimizers: Sequence[Optimizer],
     *,
-    every: int = EVERY,
+    every: int = _D.every,
     same_init: bool = True,
     **kwargs: Any,
 ) -> list[GraftOptimizer]:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .adapters.base import Adapter, TensorRefs, Unit, nonempty, tensor_table, unwrap
 
 if TYPE_CHECKING:
-    from .grafter import GraftSettings
+    from .settings import GraftSettings
 
 __all__ = ["ModulePeers", "PeerSource", "check_alignment", "read_tensors"]
 

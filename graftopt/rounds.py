@@ -22,27 +22,28 @@ from .adapters import Adapter, get_adapter
 from .adapters.base import nonempty, unwrap, validate_units
 from .adapters.channels import channel_spaces
 from .diagnostics import RoundRecord, user_stacklevel
-from .grafter import Grafter, GraftSettings, RoundPlan, check_rate
+from .grafter import Grafter, RoundPlan
 from .inplace import InPlaceRound, in_place_round
 from .peers import ModulePeers, read_tensors
+from .settings import DEFAULTS, GraftSettings
 
 __all__ = ["Participant", "RoundGroup", "graft_"]
 
-_DEFAULT = GraftSettings()
+_D = DEFAULTS
 
 
 def graft_(
     host: nn.Module,
     peers: Sequence[nn.Module],
     *,
-    A: float = _DEFAULT.A,
-    c: float = _DEFAULT.c,
-    bins: int = _DEFAULT.bins,
-    level: str = _DEFAULT.level,
-    criterion: str = _DEFAULT.criterion,
+    A: float = _D.A,
+    c: float = _D.c,
+    bins: int = _D.bins,
+    level: str = _D.level,
+    criterion: str = _D.criterion,
     adapter: Adapter | None = None,
-    rate: float = 1.0,
-    align: bool = False,
+    rate: float = _D.rate,
+    align: bool = _D.align,
 ) -> RoundRecord:
     """Graft ``host`` from ``peers`` once, now: one round of :class:`GraftOptimizer`, as a call.
 
@@ -55,6 +56,9 @@ def graft_(
         record = graftopt.graft_(model, [peer1, peer2], level="filter")
         print(record.mean_alpha())
     """
+    settings = GraftSettings(
+        A=A, c=c, bins=bins, level=level, criterion=criterion, rate=rate, align=align
+    )
     host = unwrap(host)
     adapter = adapter if adapter is not None else get_adapter(host)
     units = adapter.units(host)
@@ -62,8 +66,8 @@ def graft_(
     units = nonempty(host, units)
     source = ModulePeers(list(peers))
     source.bind(host, units, adapter)
-    grafter = Grafter(host, units, source, GraftSettings(A, c, bins, level, criterion))
-    grafter.rate = check_rate(rate)
+    grafter = Grafter(host, units, source, settings)
+    grafter.rate = float(rate)
     if align:
         grafter.spaces = channel_spaces(host)
     plan = grafter.plan(read_tensors(host, grafter.names), source.fetch(grafter.names))

@@ -45,8 +45,9 @@ from torch.utils.data import Dataset
 from . import models as _models  # noqa: F401  (registers the CIFAR networks with timm)
 from .distributed import AllPeers, RingPeers, peer_groups
 from .distributed.comm import DEFAULT_TIMEOUT
-from .grafter import EVERY
 from .optimizer import GraftOptimizer
+from .settings import DEFAULTS as SETTINGS
+from .settings import check
 
 __all__ = ["DEFAULTS", "EVERY", "Shard", "TimmPeers", "setup"]
 
@@ -55,6 +56,7 @@ __all__ = ["DEFAULTS", "EVERY", "Shard", "TimmPeers", "setup"]
 # train loader keeps persistent workers, and a second pass over it mid-epoch would reset the
 # training iterator.
 DEFAULTS: Mapping[str, Any] = {}
+EVERY = SETTINGS.every
 
 PEER = "{peer}"
 REPLICAS_ENV = "GRAFTOPT_REPLICAS"
@@ -188,7 +190,7 @@ class TimmPeers:
         per_epoch = every == "epoch"
         if per_epoch:
             every = self.updates_per_epoch(loader)
-        elif isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        elif check({"every": every}):
             _fail(f"every must be an integer >= 1 or 'epoch', got {every!r}")
         if self.same_init and not self.resumed:
             broadcast_weights(model)

@@ -14,9 +14,10 @@ from torch import nn
 import graftopt.models  # noqa: F401  (registers the CIFAR networks with timm)
 from graftopt import functional as F
 from graftopt.adapters import GenericAdapter
-from graftopt.grafter import Grafter, GraftSettings
+from graftopt.grafter import Grafter
 from graftopt.kernels import cpu
 from graftopt.peers import ModulePeers
+from graftopt.settings import GraftSettings
 
 from .conftest import make_net
 

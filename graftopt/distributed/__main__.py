@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import timm  # the package's import registered the CIFAR networks with it
 
     from ..adapters import get_adapter
-    from ..grafter import GraftSettings
+    from ..settings import GraftSettings
 
     parser = argparse.ArgumentParser(prog="python -m graftopt.distributed", description=__doc__)
     parser.add_argument("--model", default="cifar_resnet56", help="a timm model name")

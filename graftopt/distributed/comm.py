@@ -15,12 +15,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..settings import DEFAULTS
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["DEFAULT_TIMEOUT", "all_gather_tensors", "exchange_tensors"]
 
-DEFAULT_TIMEOUT = 300.0
+DEFAULT_TIMEOUT = DEFAULTS.timeout
 # After its exchange's timeout, the time a rank gives its peers to report (at most the timeout
 # itself): a hung peer is named within timeout + min(timeout, REPORT_MARGIN) seconds.
 REPORT_MARGIN = 30.0

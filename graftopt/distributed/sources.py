@@ -38,7 +38,7 @@ from .store import source_store
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-    from ..grafter import GraftSettings
+    from ..settings import GraftSettings
 
 __all__ = ["AllPeers", "ExchangeStats", "PeerError", "RingPeers"]
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graftopt.optimizer import OPTIMIZER_STATES
+from graftopt.settings import options
 
 from .config import PRESETS, TrainConfig, merge_resumed
 
@@ -45,6 +45,27 @@ class _Defaults(argparse.HelpFormatter):
         if "%(default)" in text or switch or action.default in (None, argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)".strip()
+
+
+def _add_round_flags(group: argparse._ArgumentGroup) -> None:
+    """The round settings' flags, from the settings schema (graftopt.settings)."""
+    for f, option in options():
+        if option.flag is None:
+            continue
+        flag = "--" + option.flag.replace("_", "-")
+        default = getattr(_D, option.flag)
+        if isinstance(f.default, bool):
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=option.help
+            )
+        elif f.name == "every":
+            text = f"{option.help}, or 'epoch' (once an epoch, as the paper)"
+            group.add_argument(flag, type=_every, default=default, help=text)
+        else:
+            kind = str if option.choices else type(f.default)
+            group.add_argument(
+                flag, type=kind, choices=option.choices, default=default, help=option.help
+            )
 
 
 def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
@@ -122,17 +143,6 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
         help="also train K networks without grafting under the identical recipe",
     )
     g.add_argument(
-        "--graft-every",
-        type=_every,
-        default=_D.graft_every,
-        help="optimizer steps between graft rounds, or 'epoch' (once an epoch, as the paper)",
-    )
-    g.add_argument("--graft-A", type=float, default=_D.graft_A)
-    g.add_argument("--graft-c", type=float, default=_D.graft_c)
-    g.add_argument("--graft-bins", type=_positive_int, default=_D.graft_bins)
-    g.add_argument("--graft-level", choices=("layer", "filter"), default=_D.graft_level)
-    g.add_argument("--graft-criterion", choices=("entropy", "l1", "bn"), default=_D.graft_criterion)
-    g.add_argument(
         "--graft-preset",
         choices=sorted(PRESETS),
         default=None,
@@ -146,39 +156,19 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
         action="store_false",
         help="train the K peers without rounds (with --distill-weight: mutual distillation alone)",
     )
-    numbers = (
-        ("--graft-rate", float, "each round moves a network this fraction of the way to its "
-         "blend (1: the paper)"),
-        ("--graft-start", int, "optimizer steps before the first round"),
-        ("--graft-recalibrate", int, "after each round, re-estimate the norm statistics from "
-         "this many training batches (0: off)"),
-    )  # fmt: skip
-    for flag, kind, text in numbers:
-        dest = flag[2:].replace("-", "_")
-        g.add_argument(flag, type=kind, default=getattr(_D, dest), help=text)
+    _add_round_flags(g)
     g.add_argument(
-        "--graft-rate-lr",
-        action="store_true",
-        help="scale --graft-rate by the learning rate over its initial value",
-    )
-    g.add_argument(
-        "--graft-optimizer-state",
-        choices=OPTIMIZER_STATES,
-        default=_D.graft_optimizer_state,
-        help="the optimizer state (momentum) of grafted tensors after a round",
+        "--graft-recalibrate",
+        type=int,
+        default=_D.graft_recalibrate,
+        help="after each round, re-estimate the norm statistics from this many training "
+        "batches (0: off)",
     )
     g.add_argument(
         "--same-init",
         action=argparse.BooleanOptionalAction,
         default=_D.same_init,
         help="every peer (and baseline) starts from lane 0's initial weights",
-    )
-    g.add_argument(
-        "--graft-align",
-        action=argparse.BooleanOptionalAction,
-        default=_D.graft_align,
-        help="match each peer's filters to the host's (weight matching) before every blend: "
-        "for peers from different starts",
     )
     g.add_argument(
         "--distill-weight",
@@ -211,13 +201,6 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
         "--same-data-order",
         action="store_true",
         help="every peer sees the batches in the same order (default: one order per peer)",
-    )
-    g.add_argument(
-        "--peer-timeout",
-        type=float,
-        default=_D.peer_timeout,
-        help="under torchrun: seconds a rank waits for its peers at a graft round; a hung peer "
-        "is named within this plus min(this, 30) seconds",
     )
     g = p.add_argument_group("what the same hardware does without grafting")
     g.add_argument(

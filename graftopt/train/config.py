@@ -7,12 +7,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from graftopt.distributed.comm import DEFAULT_TIMEOUT
-from graftopt.functional import MAX_BINS, check_bins
-from graftopt.grafter import EVERY, GraftSettings
-from graftopt.optimizer import OPTIMIZER_STATES
+from graftopt.settings import DEFAULTS, check, options
 
-__all__ = ["PRESETS", "RESUME_OVERRIDES", "TrainConfig", "diverse_lr", "merge_resumed"]
+__all__ = [
+    "PRESETS",
+    "RESUME_OVERRIDES",
+    "ROUND_FIELDS",
+    "TrainConfig",
+    "diverse_lr",
+    "merge_resumed",
+]
 
 # Settings a resumed run may change without changing its numbers.
 # Where the data lives is not part of the recipe: a resume checks what the data is instead
@@ -31,7 +35,10 @@ RESUME_OVERRIDES = frozenset(
 )
 
 
-_DEFAULT = GraftSettings()
+_D = DEFAULTS
+# The round settings the recipe carries: schema name -> TrainConfig field.
+ROUND_FIELDS = {f.name: o.flag for f, o in options() if o.flag}
+_FLAGS = {name: "--" + flag.replace("_", "-") for name, flag in ROUND_FIELDS.items()}
 
 
 @dataclass
@@ -75,20 +82,20 @@ class TrainConfig:
     baseline: bool = False
     # Defaults from docs/accuracy.md: one start for all, the paper's blend every 10 steps
     # (the paper's rounds, once an epoch from independent starts: --graft-preset paper).
-    graft_every: int | None = EVERY
-    graft_A: float = _DEFAULT.A
-    graft_c: float = _DEFAULT.c
-    graft_bins: int = _DEFAULT.bins
-    graft_level: str = _DEFAULT.level
-    graft_criterion: str = _DEFAULT.criterion
+    graft_every: int | None = _D.every
+    graft_A: float = _D.A
+    graft_c: float = _D.c
+    graft_bins: int = _D.bins
+    graft_level: str = _D.level
+    graft_criterion: str = _D.criterion
     graft: bool = True  # False: the K peers train without rounds (with distillation, DML alone)
-    graft_rate: float = 1.0
-    graft_rate_lr: bool = False
-    graft_start: int = 0
+    graft_rate: float = _D.rate
+    graft_rate_lr: bool = _D.rate_by_lr
+    graft_start: int = _D.start
     graft_recalibrate: int = 0
-    graft_optimizer_state: str = "keep"
+    graft_optimizer_state: str = _D.optimizer_state
     same_init: bool = True
-    graft_align: bool = False
+    graft_align: bool = _D.align
     distill_weight: float = 0.0
     distill_T: float = 1.0
     # Epochs over which the distillation weight ramps up from 0: at full weight from the first
@@ -97,7 +104,7 @@ class TrainConfig:
     soup_recalibrate: int = 20
     diverse_lr: bool = False
     same_data_order: bool = False
-    peer_timeout: float = DEFAULT_TIMEOUT  # torchrun: seconds a rank waits for its peers
+    peer_timeout: float = _D.timeout  # torchrun: seconds a rank waits for its peers
     # What the same hardware would do without grafting (docs/accuracy.md compares them):
     # each network as D data-parallel replicas, simulated in one process (DDP's gradients).
     replicas: int = 1
@@ -122,14 +129,12 @@ class TrainConfig:
         positive = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,
-            "graft_bins": self.graft_bins,
             "log_interval": self.log_interval,
         }
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         optional_positive = {
-            "graft_every": self.graft_every,
             "train_subset": self.train_subset,
             "val_subset": self.val_subset,
             "stop_after": self.stop_after,
@@ -175,33 +180,14 @@ class TrainConfig:
                 f"--warmup-epochs must lie in [0, --epochs), got {self.warmup_epochs} "
                 f"with --epochs {self.epochs}"
             )
-        if not self.peer_timeout > 0:
-            raise ValueError(f"--peer-timeout must be > 0 seconds, got {self.peer_timeout}")
-        try:
-            check_bins(self.graft_bins)
-        except ValueError:
-            raise ValueError(
-                f"--graft-bins must be an integer in [2, {MAX_BINS}], got {self.graft_bins}"
-            ) from None
-        if not 0.0 <= self.graft_A <= 1.0:
-            raise ValueError(f"--graft-A must lie in [0, 1], got {self.graft_A}")
-        if not (self.graft_c >= 0.0 and math.isfinite(self.graft_c)):
-            raise ValueError(f"--graft-c must be a finite number >= 0, got {self.graft_c}")
-        if self.graft_criterion == "bn" and self.graft_level != "filter":
-            raise ValueError("--graft-criterion bn scores each filter: use --graft-level filter")
-        if not 0.0 < self.graft_rate <= 1.0:
-            raise ValueError(f"--graft-rate must lie in (0, 1], got {self.graft_rate}")
-        if self.graft_start < 0:
-            raise ValueError(f"--graft-start must be >= 0 steps, got {self.graft_start}")
+        # Once an epoch (None) is checked as any valid count.
+        problem = check(self.round_settings(every=1 if self.graft_every is None else None), _FLAGS)
+        if problem:
+            raise ValueError(problem)
         if self.graft_recalibrate < 0 or self.soup_recalibrate < 0:
             raise ValueError(
                 "--graft-recalibrate and --soup-recalibrate take a batch count >= 0, got "
                 f"{self.graft_recalibrate} and {self.soup_recalibrate}"
-            )
-        if self.graft_optimizer_state not in OPTIMIZER_STATES:
-            raise ValueError(
-                f"--graft-optimizer-state must be one of {OPTIMIZER_STATES}, got "
-                f"{self.graft_optimizer_state!r}"
             )
         if not (math.isfinite(self.distill_weight) and self.distill_weight >= 0):
             raise ValueError(f"--distill-weight must be >= 0, got {self.distill_weight}")
@@ -221,6 +207,13 @@ class TrainConfig:
                 raise ValueError(f"--{name} values must be finite numbers, got {value}")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"--std values must be > 0, got {self.std}")
+
+    def round_settings(self, every: int | None = None) -> dict[str, Any]:
+        """The round settings of the recipe by their schema names (``every``: the resolved
+        steps between rounds, where ``graft_every`` is ``None``: once an epoch)."""
+        values = {name: getattr(self, flag) for name, flag in ROUND_FIELDS.items()}
+        values["every"] = self.graft_every if every is None else every
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -38,6 +38,7 @@ from graftopt.adapters.channels import channel_spaces
 from graftopt.kernels import cpu as cpu_kernels
 from graftopt.matching import matched
 from graftopt.recalibrate import frozen_norm_statistics, recalibrate_norms
+from graftopt.settings import GraftSettings
 
 from . import runlock
 from .checkpoint import (
@@ -242,19 +243,8 @@ def attach_grafting(
     """
     if not cfg.graft:
         return
-    settings: dict[str, Any] = {
-        "A": cfg.graft_A,
-        "c": cfg.graft_c,
-        "bins": cfg.graft_bins,
-        "level": cfg.graft_level,
-        "criterion": cfg.graft_criterion,
-        "history": 0,
-        "rate": cfg.graft_rate,
-        "rate_by_lr": cfg.graft_rate_lr,
-        "start": cfg.graft_start,
-        "optimizer_state": cfg.graft_optimizer_state,
-        "align": cfg.graft_align,
-    }
+    settings = {**GraftSettings(**cfg.round_settings(every)).keywords(), "history": 0}
+    del settings["every"]
     grafted = [n for n in nets if n.grafted]
 
     def recalibration(net: Net) -> graftopt.Recalibration | None:
