@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import kernels
 from .settings import DEFAULTS, check
 
 __all__ = [
@@ -57,7 +58,9 @@ def check_bins(bins: object) -> None:
         raise ValueError(problem)
 
 
-def _segment_entropy_torch(values: Tensor, lengths: Sequence[int], bins: int) -> Tensor:
+def _segment_entropy_torch(
+    values: Tensor, lengths: Sequence[int], bins: int, finite: Tensor | None = None
+) -> Tensor:
     """The straightforward batched form: a segment id per value, scatter min/max, index_add."""
     n = len(lengths)
     device = values.device
@@ -73,51 +76,76 @@ def _segment_entropy_torch(values: Tensor, lengths: Sequence[int], bins: int) ->
     counts = torch.zeros(n * bins, device=device).index_add_(
         0, seg * bins + idx, torch.ones_like(x)
     )
-    return _entropy_of_counts(counts.view(n, bins), sizes)
+    return _entropy_of_counts(counts.view(n, bins), sizes, finite)
 
 
-def _entropy_of_counts(counts: Tensor, sizes: Tensor) -> Tensor:
-    # An empty segment has no values and no information: entropy 0, not 0/0.
+def _entropy_of_counts(counts: Tensor, sizes: Tensor, finite: Tensor | None = None) -> Tensor:
+    # An empty segment has no values and no information: entropy 0, not 0/0. A segment holding
+    # NaN or Inf has no entropy: NaN, on every route.
     sizes = sizes.to(device=counts.device, dtype=torch.float32).clamp(min=1)
     p = counts.float() / sizes.unsqueeze(1)
-    return -torch.special.xlogy(p, p).sum(dim=1)
+    h = -torch.special.xlogy(p, p).sum(dim=1)
+    return h if finite is None else h.masked_fill(~finite.to(h.device), math.nan)
 
 
-def _c_kernels():
-    """The CPU kernels, or None (no compiler, or switched off by ``GRAFTOPT_NO_CKERNEL=1``)."""
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _finite_segments(x: Tensor, sizes: Tensor) -> Tensor:
+    """Per segment of a flat tensor, whether it is free of NaN and Inf in its own dtype."""
+    ok = x.isfinite().to(torch.float32)
+    return torch.segment_reduce(ok, "min", lengths=sizes.to(x.device), initial=1.0) > 0
+
+
+def _c_kernels(device: torch.device, route: str):
+    """The C kernels module where ``route`` resolves to them on ``device``, else None."""
+    if kernels.route(device, route) != "c":
+        return None
     from .kernels import cpu
 
-    return cpu if cpu.available() else None
+    return cpu
 
 
-def _triton_kernels():
-    from .kernels import triton as tk
-
-    return tk if tk.available() else None
-
-
-def segment_entropy(values: Tensor, lengths: Sequence[int], *, bins: int = BINS) -> Tensor:
+def segment_entropy(
+    values: Tensor, lengths: Sequence[int], *, bins: int = BINS, route: str = "auto"
+) -> Tensor:
     """Entropy of each contiguous segment of a flat tensor, all segments at once.
 
     Args:
         values: 1-d tensor; scored in float32 whatever its dtype.
         lengths: length of each segment, in order; they must add up to ``values.numel()``.
         bins: number of equal-width bins over each segment's ``[min, max]`` (default 10).
+        route: the kernels (:func:`graftopt.kernels.route`; default the fastest here).
 
     Returns:
-        float32 tensor of shape ``(len(lengths),)``; a constant segment scores 0.
+        float32 tensor of shape ``(len(lengths),)``; a constant segment scores 0, one holding
+        NaN or Inf scores NaN (on every route). Float64 segments beyond float32's range are
+        scaled into it first.
     """
     check_bins(bins)
     x = values.reshape(-1)
     sizes = torch.tensor(list(lengths), dtype=torch.long)
-    if x.device.type == "cpu" and (ck := _c_kernels()) is not None:
+    path = kernels.route(x.device, route)
+    beyond = x.dtype == torch.float64 and bool(x.abs().nan_to_num(0.0, 0.0).max() > _F32_MAX)
+    if path == "c" and not beyond:
+        from .kernels import cpu as ck
+
         x = x.contiguous() if x.dtype in ck.DTYPES else x.float().contiguous()
         parts = torch.split(x, list(lengths))
-        counts, _ = ck.segment_histogram(parts, [1] * len(parts), bins=bins)
-        return _entropy_of_counts(counts, sizes)
-    if x.is_cuda and (tk := _triton_kernels()) is not None:
-        return _entropy_of_counts(tk.segment_histogram(x, lengths, bins=bins), sizes)
-    return _segment_entropy_torch(x, lengths, bins)
+        counts, finite = ck.segment_histogram(parts, [1] * len(parts), bins=bins)
+        return _entropy_of_counts(counts, sizes, finite)
+    finite = _finite_segments(x, sizes)
+    if beyond:  # into float32's range: equal-width bins do not change with a positive scale
+        seg = torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(x.device)
+        top = torch.segment_reduce(x.abs().nan_to_num(0.0, 0.0), "max", lengths=sizes.to(
+            x.device), initial=0.0)  # fmt: skip
+        x = x / torch.where(top > _F32_MAX, top, 1.0)[seg]
+    x = x.float()
+    if path == "triton":
+        from .kernels import triton as tk
+
+        return _entropy_of_counts(tk.segment_histogram(x, lengths, bins=bins), sizes, finite)
+    return _segment_entropy_torch(x, lengths, bins, finite)
 
 
 def _bound(tensors: Sequence[Tensor], fresh: set[int] | frozenset[int] = frozenset()) -> tuple:
@@ -140,6 +168,7 @@ class EntropyPlan:
         rows: as for :func:`entropies`.
         bins: as for :func:`entropies`.
         fresh: positions whose tensor is a new one at each call.
+        route: the kernels (:func:`graftopt.kernels.route`).
     """
 
     def __init__(
@@ -149,12 +178,14 @@ class EntropyPlan:
         rows: Sequence[int] | None = None,
         bins: int = BINS,
         fresh: Sequence[int] = (),
+        route: str = "auto",
     ) -> None:
         self.rows = [1] * len(tensors) if rows is None else list(rows)
         self.bins = bins
+        self.route = route
         lengths = [t.numel() // r if r else 0 for t, r in zip(tensors, self.rows, strict=True)]
         self.sizes = [n for n, r in zip(lengths, self.rows, strict=True) for _ in range(r)]
-        self.ck = _c_kernels() if tensors and tensors[0].device.type == "cpu" else None
+        self.ck = _c_kernels(tensors[0].device, route) if tensors else None
         self.counts_of = torch.tensor(self.sizes, dtype=torch.float32)
         self.convert: list[int] = []
         self.repoint: list[int] = []
@@ -202,13 +233,21 @@ class EntropyPlan:
                 for i in self.repoint:
                     self.histogram.point(i, srcs[i])
             counts, finite = self.histogram.run(self.bins)
-            return _entropy_of_counts(counts, self.counts_of), finite if self.flags_exact else None
-        flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
-        return segment_entropy(flat, self.sizes, bins=self.bins), None
+            if self.flags_exact:
+                return _entropy_of_counts(counts, self.counts_of, finite), finite
+            if bool(finite.all()):
+                return _entropy_of_counts(counts, self.counts_of), None
+            # A float64 row the kernel read as Inf may be finite: scored as segment_entropy does.
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        return segment_entropy(flat, self.sizes, bins=self.bins, route=self.route), None
 
 
 def entropies(
-    tensors: Sequence[Tensor], *, rows: Sequence[int] | None = None, bins: int = BINS
+    tensors: Sequence[Tensor],
+    *,
+    rows: Sequence[int] | None = None,
+    bins: int = BINS,
+    route: str = "auto",
 ) -> Tensor:
     """Entropy of many tensors at once, or of each slice of their first dimension.
 
@@ -217,24 +256,25 @@ def entropies(
         rows: per tensor, 1 for one score of the whole tensor, or ``t.shape[0]`` for one score per
             slice ``t[j]`` (per filter); default all 1.
         bins: number of equal-width bins (default 10).
+        route: the kernels (:func:`graftopt.kernels.route`; default the fastest here).
 
     Returns:
         float32 ``(sum(rows),)``: the scores in order, as :func:`segment_entropy` gives them.
     """
     if not tensors:
         return torch.zeros(0)
-    return EntropyPlan(tensors, rows=rows, bins=bins)(tensors)
+    return EntropyPlan(tensors, rows=rows, bins=bins, route=route)(tensors)
 
 
-def entropy(tensor: Tensor, *, bins: int = BINS) -> Tensor:
+def entropy(tensor: Tensor, *, bins: int = BINS, route: str = "auto") -> Tensor:
     """Entropy of one tensor's values over ``bins`` equal-width bins (a 0-d float32 tensor)."""
-    return segment_entropy(tensor.reshape(-1), [tensor.numel()], bins=bins)[0]
+    return segment_entropy(tensor.reshape(-1), [tensor.numel()], bins=bins, route=route)[0]
 
 
-def row_entropy(rows: Tensor, *, bins: int = BINS) -> Tensor:
+def row_entropy(rows: Tensor, *, bins: int = BINS, route: str = "auto") -> Tensor:
     """Entropy of each row of a 2-d tensor (one score per filter at filter level)."""
     f, k = rows.shape
-    return segment_entropy(rows.reshape(-1), [k] * f, bins=bins)
+    return segment_entropy(rows.reshape(-1), [k] * f, bins=bins, route=route)
 
 
 def segment_l1(values: Tensor, lengths: Tensor) -> Tensor:
@@ -338,11 +378,12 @@ class MixPlan:
         peers: Sequence[Sequence[Tensor]],
         columns: Sequence[int],
         axes: Sequence[int | None],
+        route: str = "auto",
     ) -> None:
         T = len(hosts)
         self.count = T
         self.columns, self.axes = list(columns), list(axes)
-        ck = _c_kernels() if T and hosts[0].device.type == "cpu" else None
+        ck = _c_kernels(hosts[0].device, route) if T else None
         self.ck = ck
 
         def same(i: int) -> bool:
@@ -358,13 +399,13 @@ class MixPlan:
                 continue
             if (
                 ck is not None
-                and h.device.type == "cpu"
+                and h.device == hosts[0].device
                 and h.dtype in (torch.float32, torch.float64)
                 and _dense(h)
                 and axes[i] in (None, 0)
             ):
                 fast.append(i)
-            elif h.device.type != "cpu" or ck is None:
+            elif ck is None or h.device != hosts[0].device:
                 generic.append(i)
         # Per dtype: the tensors, their positions, and (made at the first run) the C kernel's
         # arrays with the destinations they point at.
@@ -496,6 +537,7 @@ def mix_many(
     *,
     out: Sequence[Tensor | None] | None = None,
     plan: MixPlan | None = None,
+    route: str = "auto",
 ) -> tuple[list[Tensor], Tensor]:
     """:func:`mix` for many tensors at once, and whether each input was finite.
 
@@ -510,6 +552,7 @@ def mix_many(
             caller can reuse them round after round; ``None`` entries are allocated.
         plan: a :class:`MixPlan` built for these tensors, so that a caller blending the same
             tensors round after round sorts them into paths only once.
+        route: the kernels of a plan built here (:func:`graftopt.kernels.route`).
 
     Returns:
         ``(blended, finite)``: the new tensors, and a bool ``(T,)`` tensor on the hosts' device,
@@ -523,7 +566,7 @@ def mix_many(
     if not peers:
         raise ValueError("mix_many() needs at least one peer")
     if plan is None:
-        plan = MixPlan(hosts, peers, columns, axes)
+        plan = MixPlan(hosts, peers, columns, axes, route)
     else:
         plan.check(hosts, peers)
     return plan.run(hosts, peers, alphas, out)

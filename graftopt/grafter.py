@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from . import kernels
 from .adapters.base import TensorRefs, Unit, tensor_table
 from .diagnostics import RoundRecord
 from .kernels import cpu
@@ -102,15 +103,10 @@ def _probed(tensors: Sequence[Tensor]) -> list[bool]:
 
 def _finite(tensors: Sequence[Tensor], probe: cpu.Finite | None) -> Tensor:
     """bool ``(T,)`` on CPU: whether each tensor is free of NaN and Inf (``probe``: the C probe
-    built for these tensors when they all take it, else each is read on its own)."""
+    built for these tensors when the route is C and they all take it, else torch reads each)."""
     if probe is not None:
         return probe.run()
-    return torch.stack(
-        [
-            cpu.finite([t])[0] if p else t.isfinite().all().cpu()
-            for t, p in zip(tensors, _probed(tensors), strict=True)
-        ]
-    )
+    return torch.stack([t.isfinite().all().cpu() for t in tensors])
 
 
 def _fits(buffer: Tensor, t: Tensor) -> bool:
@@ -191,6 +187,7 @@ class Grafter:
             raise ValueError(f"the adapter named tensors the host does not have: {missing[:5]}")
         self._index = {n: i for i, n in enumerate(self.names)}
         self._refs = TensorRefs(host, self.names)
+        kernels.route(self._refs.get()[0].device, settings.route)  # refuses one that cannot run
         self._unit_of = torch.tensor([k for k, u in enumerate(self.units) for _ in u.members])
         # Members no score reads: their NaN/Inf check is a pass of its own.
         self._unscored = [
@@ -267,7 +264,8 @@ class Grafter:
                 rows.append(1 if level == "layer" else first.shape[ax])
         direct = None if fresh else [s for s in spec if isinstance(s, int)]
         sources = self._sources(tensors, spec, direct)
-        plan = F.EntropyPlan(sources, rows=rows, bins=self.settings.bins, fresh=fresh)
+        s = self.settings
+        plan = F.EntropyPlan(sources, rows=rows, bins=s.bins, fresh=fresh, route=s.route)
         unit_of_row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
         return spec, direct, rows, plan, unit_of_row
 
@@ -443,7 +441,8 @@ class Grafter:
         mix_key = (host_key, *layouts[1:])
         if self._mix is None or self._mix[0] != mix_key:
             self._check_shapes(layouts)  # tensors replaced since the last round
-            self._mix = (mix_key, F.MixPlan(host, peers, columns, axes))
+            mixer = F.MixPlan(host, peers, columns, axes, self.settings.route)
+            self._mix = (mix_key, mixer)
         record = RoundRecord(0, 0, self._unit_names, tuple(slots), h_scores, p_scores, alphas)
         return RoundPlan(host, peers, table, record, mix_key, self._mix[1], self._scored_finite)
 
@@ -505,7 +504,8 @@ class Grafter:
             sub = [tensors[i] for i in idx]
             key = (layout, scored is None)
             if key not in kept:
-                kept[key] = cpu.Finite(sub) if cpu.available() and all(_probed(sub)) else None
+                c = kernels.route(sub[0].device, self.settings.route) == "c"
+                kept[key] = cpu.Finite(sub) if c and all(_probed(sub)) else None
             self._probes[key] = kept[key]
             ok = ok.scatter_reduce(0, units, _finite(sub, kept[key]), "amin")
         return ok

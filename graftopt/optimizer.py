@@ -222,6 +222,9 @@ class GraftOptimizer(Optimizer):
             the host's (weight matching over the channel spaces of
             :func:`graftopt.adapters.channels.channel_spaces`; the peer's function is
             unchanged). For peers that did not start from the same weights.
+        route: the kernels rounds run on: ``"auto"`` (default: C on CPU once built, Triton on
+            CUDA when installed, torch otherwise), or ``"c"``, ``"triton"``, ``"torch"`` (see
+            :func:`graftopt.kernels.route`; refused where it cannot run).
 
     Example (peers that start from the host's weights, a round every 10 steps)::
 
@@ -256,6 +259,7 @@ class GraftOptimizer(Optimizer):
         recalibrate: Recalibration | None = None,
         frozen: str = _D.frozen,
         align: bool = _D.align,
+        route: str = _D.route,
     ) -> None:
         # super().__init__ is not called on purpose: it would register the parameters a second
         # time. The wrapper shares the inner optimizer's param_groups, state and defaults.
@@ -273,7 +277,7 @@ class GraftOptimizer(Optimizer):
         settings = GraftSettings(
             every=every, A=A, c=c, bins=bins, level=level, criterion=criterion, rate=rate,
             rate_by_lr=rate_by_lr, start=start, optimizer_state=optimizer_state, frozen=frozen,
-            align=align,
+            align=align, route=route,
         )  # fmt: skip
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise ValueError(f"history must be an integer >= 0, got {history!r}")

@@ -44,6 +44,7 @@ def graft_(
     adapter: Adapter | None = None,
     rate: float = _D.rate,
     align: bool = _D.align,
+    route: str = _D.route,
 ) -> RoundRecord:
     """Graft ``host`` from ``peers`` once, now: one round of :class:`GraftOptimizer`, as a call.
 
@@ -57,8 +58,9 @@ def graft_(
         print(record.mean_alpha())
     """
     settings = GraftSettings(
-        A=A, c=c, bins=bins, level=level, criterion=criterion, rate=rate, align=align
-    )
+        A=A, c=c, bins=bins, level=level, criterion=criterion, rate=rate, align=align,
+        route=route,
+    )  # fmt: skip
     host = unwrap(host)
     adapter = adapter if adapter is not None else get_adapter(host)
     units = adapter.units(host)

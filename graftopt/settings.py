@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULTS",
     "LEVELS",
     "MAX_BINS",
+    "ROUTES",
     "GraftSettings",
     "Option",
     "check",
@@ -27,6 +28,7 @@ __all__ = [
 
 MAX_BINS = 256  # the round kernels' histogram size (kernels/cpu.c MAXBINS)
 LEVELS = ("layer", "filter")
+ROUTES = ("auto", "c", "triton", "torch")  # auto: the fastest that runs here
 CRITERIA = ("entropy", "l1", "bn")
 
 
@@ -129,6 +131,10 @@ class GraftSettings:
     align: bool = _option(
         False, "match each peer's filters to the host's (weight matching) before every blend: "
         "for peers from different starts", "graft_align", _bool,
+    )  # fmt: skip
+    route: str = _option(
+        "auto", "the kernels a round runs on (graftopt.kernels.route): auto (the fastest here), "
+        "c, triton or torch", None, None, choices=ROUTES,
     )  # fmt: skip
     timeout: float = _option(
         300.0, "under torch.distributed: seconds a rank waits for its peers at a round before "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -80,23 +81,24 @@ def ref_graft(host: nn.Module, peers: list[nn.Module], A: float = 0.4, c: float 
     return out
 
 
-# Modules whose tests run twice: on the C kernels and on the pure-torch path (no compiler).
-BOTH_PATHS = {"test_optimizer", "test_rounds", "test_round_options"}
+# Modules whose tests run on every route of the round's kernels: C and pure torch here, and
+# Triton (interpreted on CPU tensors) in the job tests/test_routes.py starts with
+# GRAFTOPT_ROUTE=triton TRITON_INTERPRET=1.
+ROUTE_MODULES = ("test_optimizer", "test_rounds", "test_round_options")
+ROUTES_HERE = ["triton"] if os.environ.get("GRAFTOPT_ROUTE") == "triton" else ["c", "torch"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if metafunc.module.__name__.rsplit(".", 1)[-1] in BOTH_PATHS:
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in ROUTE_MODULES:
         metafunc.fixturenames.append("kernel_path")
-        metafunc.parametrize("kernel_path", ["c", "torch"], indirect=True)
+        metafunc.parametrize("kernel_path", ROUTES_HERE, indirect=True)
 
 
 @pytest.fixture
 def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     from graftopt.kernels import cpu
 
-    if request.param == "torch":
-        monkeypatch.setenv("GRAFTOPT_NO_CKERNEL", "1")
-    cpu.library.cache_clear()
+    monkeypatch.setenv("GRAFTOPT_ROUTE", request.param)
     if request.param == "c":
         require_c()
     yield request.param

@@ -73,8 +73,11 @@ if triton is not None:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         safe = tl.where(width > 0, width, 1.0)
         pos = tl.math.div_rn((x - lo) * BINS, safe)
-        idx = tl.where(width > 0, pos, 0.0).to(tl.int32)  # truncation, as torch's .long()
-        idx = tl.minimum(tl.maximum(idx, 0), BINS - 1)
+        # Clamped before the cast (NaN to bin 0): a NaN or Inf value has no integer bin.
+        pos = tl.where(pos >= 0.0, pos, 0.0)
+        pos = tl.where(width > 0, pos, 0.0)
+        pos = tl.where(pos < BINS, pos, BINS - 1.0)
+        idx = pos.to(tl.int32)  # truncation, as torch's .long()
         for b in tl.static_range(BINS):
             n = tl.sum(((idx == b) & mask).to(tl.int32), axis=0)
             tl.atomic_add(counts_ptr + seg * BINS + b, n)
