@@ -558,7 +558,7 @@ class Grafter:
                 torch._foreach_copy_(live, blend.values)
                 return
             keep = [i for i, good in enumerate(ok.tolist()) if good]
-            if snapshot is None:
+            if snapshot is None and keep:  # none kept: every unit was skipped
                 torch._foreach_copy_([live[i] for i in keep], [blend.values[i] for i in keep])
             else:
                 for i in keep:

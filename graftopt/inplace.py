@@ -106,7 +106,8 @@ class InPlaceRound:
             if values:
                 flags = g.per_tensor(ok)[idx].tolist()
                 keep = [k for k, good in enumerate(flags) if good]
-                torch._foreach_copy_([p.host[idx[k]] for k in keep], [values[k] for k in keep])
+                if keep:
+                    torch._foreach_copy_([p.host[idx[k]] for k in keep], [values[k] for k in keep])
             g.release()
         return oks
 

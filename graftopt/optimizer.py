@@ -561,6 +561,7 @@ class GraftOptimizer(Optimizer):
                 "steps": p.steps,
                 "arrived": p.arrived,
                 "committed": p.committed,
+                "dropped": p.dropped,
                 "every": self.every,
                 "start": p.start,
                 "rate": self.rate,
@@ -599,7 +600,7 @@ class GraftOptimizer(Optimizer):
                 stacklevel=3,
             )
             self.optimizer.load_state_dict(state_dict)
-            p.steps = p.arrived = p.committed = 0
+            p.steps = p.arrived = p.committed = p.dropped = 0
             return
         graft = state_dict["graft"]
         saved = graft.get("settings", {})
@@ -624,7 +625,9 @@ class GraftOptimizer(Optimizer):
                 stacklevel=3,
             )
         steps, arrived, committed = (int(graft[k]) for k in ("steps", "arrived", "committed"))
-        due = steps // self.every if steps >= p.start else 0
+        # The counters are checked against the schedule they were saved under.
+        every, start = int(graft.get("every", self.every)), int(graft.get("start", p.start))
+        due = steps // every if steps >= start else 0
         problems = []
         if min(steps, arrived, committed) < 0:
             problems.append("a counter is negative")
@@ -632,8 +635,8 @@ class GraftOptimizer(Optimizer):
             problems.append(f"round {committed} committed but only round {arrived} reached")
         if arrived > due:
             problems.append(
-                f"round {arrived} reached after {steps} steps (every={self.every}, start="
-                f"{p.start}: at most round {due})"
+                f"round {arrived} reached after {steps} steps (every={every}, start={start}: "
+                f"at most round {due})"
             )
         if arrived < due and arrived != committed:
             problems.append(f"round {arrived} waits while round {due} is already due")
@@ -649,6 +652,11 @@ class GraftOptimizer(Optimizer):
             inner = {k: v for k, v in state_dict.items() if k != "graft"}
         self.optimizer.load_state_dict(inner)
         p.steps, p.arrived, p.committed = steps, arrived, committed
+        p.dropped = int(graft.get("dropped", 0))
+        if (every, start) != (self.every, p.start):
+            # Another schedule: its rounds so far are those due by now, all of them done.
+            p.arrived = p.committed = steps // self.every if steps >= p.start else 0
+            p.dropped = 0
 
 
 def ring(

@@ -123,6 +123,13 @@ class Recalibration:
     def __post_init__(self) -> None:
         if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
             raise ValueError(f"Recalibration batches must be an integer >= 1, got {self.batches!r}")
+        if isinstance(self.data, Iterator):
+            # A generator is used up by the first round (or the first model of a group).
+            raise TypeError(
+                f"Recalibration data is a one-pass {type(self.data).__name__}: every round "
+                "(of every model using it) reads batches afresh. Pass a DataLoader or a list, "
+                "or a function of the round index returning the batches (lambda r: my_batches(r))"
+            )
 
     def __call__(self, model: nn.Module, round_index: int) -> int:
         data = self.data(round_index) if callable(self.data) else self.data

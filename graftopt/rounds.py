@@ -104,10 +104,11 @@ def _write_round(
 
 def _warn_skipped(record: RoundRecord, host: nn.Module) -> None:
     if record.skipped:
+        which = f"graft round {record.round}" if record.round else "graft_"
+        units = [name or "(the whole model)" for name in record.skipped]
         warnings.warn(
-            f"graft round {record.round or ''}: units {list(record.skipped)} of "
-            f"{type(host).__name__} hold NaN or Inf in the host or a peer and were left as "
-            "they were",
+            f"{which}: units {units} of {type(host).__name__} hold NaN or Inf in the host or a "
+            "peer (or blend beyond the host's dtype) and were left as they were",
             RuntimeWarning,
             stacklevel=user_stacklevel(),
         )
@@ -127,6 +128,33 @@ def _linked(a: Participant, b: Participant) -> bool:
     return any(m is b.host for m in a.grafter.peers.modules()) or any(
         m is a.host for m in b.grafter.peers.modules()
     )
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """The bytes ``t`` can touch: [first, last) in memory."""
+    if t.numel() == 0:
+        return (0, 0)
+    reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return (t.data_ptr(), t.data_ptr() + (reach + 1) * t.element_size())
+
+
+def _refuse_shared(newcomer: Participant, others: Sequence[Participant]) -> None:
+    """Refuse a host whose unit tensors overlap another group member's in memory (one layer
+    object in both models): both blends would be written there, and one lost."""
+    mine = [
+        (_span(t), n) for n, t in zip(newcomer.grafter.names, newcomer.grafter.live(), strict=True)
+    ]
+    for p in others:
+        for n, t in zip(p.grafter.names, p.grafter.live(), strict=True):
+            lo, hi = _span(t)
+            hit = next((m for (a, b), m in mine if a < hi and lo < b), None)
+            if hit is not None:
+                raise ValueError(
+                    f"this {type(newcomer.host).__name__}'s {hit!r} shares memory with {n!r} of "
+                    f"the {type(p.host).__name__} it grafts with (one layer object in both "
+                    "models?): a round would write both blends there and lose one. Give each "
+                    "model its own layers (copy.deepcopy)"
+                )
 
 
 class RoundGroup:
@@ -170,6 +198,7 @@ class RoundGroup:
                     f"`start`: {type(newcomer.host).__name__} has every={newcomer.every}, "
                     f"start={newcomer.start}; a peer has every={p.every}, start={p.start}"
                 )
+        _refuse_shared(newcomer, [p for p in members.values() if p is not newcomer])
         group = RoundGroup(list(members.values()))
         group.snapshots.update(snapshots)
         return group
@@ -225,6 +254,8 @@ class Participant:
         self.closed = False
         self._order = next(_ORDER)
         self._replica_warned = False
+        self._overtake_warned = False
+        self.dropped = 0  # rounds this host stepped past while they waited for a peer
         host = grafter.host
         if _participant_of(host) is not None:
             raise ValueError(
@@ -275,7 +306,30 @@ class Participant:
     @property
     def completed(self) -> int:
         """How many rounds have been committed."""
-        return max(0, self.committed - self.first + 1)
+        return max(0, self.committed - self.first + 1 - self.dropped)
+
+    def _overtake(self, members: Sequence[Participant], r: int) -> None:
+        """This host reached round ``r`` while its last round still waits for a peer (a peer
+        skipped a step): that round is dropped for this host, which takes part in the group's
+        next commit with its weights of now (so one skipped step costs one round, and the
+        rounds go on in step). Warns once per host."""
+        late = [
+            f"{type(p.host).__name__} (steps {p.steps})"
+            for p in members
+            if p is not self and p.arrived <= p.committed
+        ]
+        self.group.snapshots.pop(self.host, None)
+        self.dropped += 1
+        if not self._overtake_warned:
+            self._overtake_warned = True
+            warnings.warn(
+                f"{type(self.host).__name__} reached graft round {r} (step {self.steps}) while "
+                f"round {self.arrived} still waited for {late}: a model skipped a step. The "
+                f"group's next round reads this model as it is then; step the models in "
+                "lockstep (one step each per iteration, a skipped update still calling step())",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
 
     def before_step(self) -> None:
         """Keep the round-step weights if this host steps again while its round waits."""
@@ -299,18 +353,10 @@ class Participant:
         group = self.group
         members = group.members
         if self.arrived > self.committed:
-            late = [
-                type(p.host).__name__ + f" (at round {p.arrived})"
-                for p in members
-                if p.arrived < self.arrived
-            ]
-            raise RuntimeError(
-                f"{type(self.host).__name__} reached graft round {r} while round "
-                f"{self.arrived} still waits for its peers {late}: step the models in lockstep "
-                "(one step each per iteration)"
-            )
+            self._overtake(members, r)
         self.arrived = r
-        if all(p.arrived >= r for p in members):
+        # Each member waits at a round, or has been there already (a member that joined late).
+        if all(p.arrived > p.committed or p.arrived >= r for p in members):
             try:
                 _commit(group, members, r)
             except BaseException as e:
@@ -342,7 +388,7 @@ def _commit(group: RoundGroup, members: Sequence[Participant], r: int) -> None:
     for p in members:
         g = p.grafter
         host = group.read(g.host, g.names)
-        g.peers.begin_round(r, g.settings, p.every)
+        g.peers.begin_round(p.arrived, g.settings, p.every)
         plans.append(g.plan(host, _fetch(group, g), cache=cache))
     grafters = [p.grafter for p in members]
     snapshots = [group.snapshots.get(p.host) for p in members]
@@ -350,11 +396,24 @@ def _commit(group: RoundGroup, members: Sequence[Participant], r: int) -> None:
     # The round is written: every member moves on before any warning or callback can raise.
     group.snapshots.clear()
     for p in members:
-        p.committed = r
-    for p, plan, ok in zip(members, plans, oks, strict=True):
+        p.committed = p.arrived
+    # Every member's follow-up runs (state reset, recalibration, history, callback) even when
+    # another's raises; the first exception comes out afterwards, naming whose it was.
+    failed: list[BaseException] = []
+    for i, (p, plan, ok) in enumerate(zip(members, plans, oks, strict=True)):
         rec = dataclasses.replace(
-            plan.record, round=r, step=r * p.every, skipped=p.grafter.skipped(ok)
+            plan.record, round=p.arrived, step=p.arrived * p.every, skipped=p.grafter.skipped(ok)
         )
-        _warn_skipped(rec, p.host)
-        p.warn_if_replicas(rec)
-        p.on_round(rec)
+        try:
+            _warn_skipped(rec, p.host)
+            p.warn_if_replicas(rec)
+            p.on_round(rec)
+        except Exception as e:
+            e.add_note(
+                f"raised after graft round {rec.round} of group member {i} "
+                f"({type(p.host).__name__}); the round is written for every member and their "
+                "follow-ups ran"
+            )
+            failed.append(e)
+    if failed:
+        raise failed[0]

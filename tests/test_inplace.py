@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import graftopt
 from graftopt import GraftOptimizer
@@ -366,25 +367,22 @@ def test_huge_finite_float64_values_blend_like_buffered(monkeypatch):
     assert torch.equal(fast[0][1].weight, slow[0][1].weight)
 
 
-def test_overlap_with_a_tensor_that_has_gaps_falls_back(monkeypatch):
-    def build():
-        ms = [_seq(s, 8, 8, 8) for s in range(4)]
-        base = torch.randn(32, generator=torch.Generator().manual_seed(5))
-        ms[0][0].bias.data = torch.as_strided(base, (8,), (2,), 0)  # 0, 2, ..., 14: gaps
-        ms[1][0].bias.data = torch.as_strided(base, (8,), (1,), 8)  # 8..15: dense, overlapping
-        return ms
+def test_hosts_of_one_group_that_overlap_in_memory_are_refused():
+    ms = [_seq(s, 8, 8, 8) for s in range(4)]
+    base = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    ms[0][0].bias.data = torch.as_strided(base, (8,), (2,), 0)  # 0, 2, ..., 14: gaps
+    ms[1][0].bias.data = torch.as_strided(base, (8,), (1,), 8)  # 8..15: overlapping
+    sgd = [torch.optim.SGD(m.parameters(), lr=0.0) for m in ms[:2]]
+    _first = GraftOptimizer(sgd[0], [ms[2], ms[1]], every=1)
+    with pytest.raises(ValueError, match=r"'0\.bias' shares memory with '0\.bias'"):
+        GraftOptimizer(sgd[1], [ms[3]], every=1)  # host 0 reads host 1: one group
 
-    def run(ms):
-        sgd = [torch.optim.SGD(m.parameters(), lr=0.0) for m in ms[:2]]
-        opts = [
-            GraftOptimizer(sgd[0], [ms[2], ms[1]], every=1),
-            GraftOptimizer(sgd[1], [ms[3]], every=1),
-        ]
-        for o in opts:  # one group: host 0 reads host 1
-            o.step()
 
-    fast, slow = _both_paths(build, run, monkeypatch)
-    assert torch.equal(fast[1][0].bias, slow[1][0].bias)
+def test_ring_members_sharing_a_layer_object_are_refused():
+    shared = nn.Linear(8, 8)
+    a, b = nn.Sequential(nn.Linear(8, 8), shared), nn.Sequential(nn.Linear(8, 8), shared)
+    with pytest.raises(ValueError, match="one layer object in both"):
+        graftopt.ring([a, b], [torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b)])
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
