@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .criteria import bn_alpha, segment_l1
 from .settings import DEFAULTS, check
 
 __all__ = [
@@ -277,17 +278,6 @@ def row_entropy(rows: Tensor, *, bins: int = BINS, route: str = "auto") -> Tenso
     return segment_entropy(rows.reshape(-1), [k] * f, bins=bins, route=route)
 
 
-def segment_l1(values: Tensor, lengths: Tensor) -> Tensor:
-    """Mean absolute value of each consecutive segment of ``values`` (``lengths`` long)."""
-    lengths = lengths.to(values.device)
-    return torch.segment_reduce(values.float().abs(), "mean", lengths=lengths)
-
-
-# Scores computed from each row of values (one row per unit, or per filter at filter level),
-# by criterion name: (flat values, row lengths) -> one score per row. Entropy has its own path.
-ROW_SCORES = {"l1": segment_l1}
-
-
 def graft_alpha(
     score_host: Tensor, score_peer: Tensor, *, A: float = PAPER_A, c: float = PAPER_C
 ) -> Tensor:
@@ -296,13 +286,6 @@ def graft_alpha(
     It lies in ``(0.5 - A/2, 0.5 + A/2)``.
     """
     return 0.5 + (A / math.pi) * torch.atan(c * (score_host.float() - score_peer.float()))
-
-
-def bn_alpha(gamma_host: Tensor, gamma_peer: Tensor) -> Tensor:
-    """Per-channel share from norm scales, ``|g_h| / (|g_h| + |g_p|)``; 0.5 where both are 0."""
-    gh, gp = gamma_host.float().abs(), gamma_peer.float().abs()
-    total = gh + gp
-    return torch.where(total > 0, gh / torch.where(total > 0, total, 1.0), 0.5)
 
 
 def mix(

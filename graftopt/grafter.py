@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import functional as F
 from . import kernels
 from .adapters.base import TensorRefs, Unit, tensor_table
+from .criteria import CRITERIA
 from .diagnostics import RoundRecord
 from .kernels import cpu
 from .matching import ChannelSpaces, matched
@@ -176,6 +177,7 @@ class Grafter:
         self.units = list(units)
         self.peers = peers
         self.settings = settings
+        self.criterion = CRITERIA[settings.criterion]
         # The fraction of the way to the blend the next round moves the host (1: the paper).
         self.rate = 1.0
         # Channel spaces to match each peer's filters to the host's by, or None (no matching).
@@ -233,7 +235,7 @@ class Grafter:
         """The host's unit tensors themselves (the ones a round writes)."""
         return self._refs.get()
 
-    def _scores(self, tensors: Sequence[Tensor], level: str, criterion: str) -> _Scores:
+    def _scores(self, tensors: Sequence[Tensor], level: str, score: Callable) -> _Scores:
         rows = []
         for u in self.units:
             idx = [self._index[n] for n in u.scored]
@@ -242,9 +244,6 @@ class Grafter:
         slots = [r.shape[0] for r in rows]
         flat = torch.cat([r.reshape(-1) for r in rows])
         sizes = [r.shape[1] for r in rows for _ in range(r.shape[0])]
-        score = F.ROW_SCORES.get(criterion)
-        if score is None:
-            raise ValueError(f"no row score for criterion {criterion!r}: {sorted(F.ROW_SCORES)}")
         return score(flat, torch.tensor(sizes)), slots, None
 
     def _entropy_plan(self, tensors: Sequence[Tensor], level: str) -> tuple:
@@ -295,20 +294,20 @@ class Grafter:
         self, tensors: Sequence[Tensor], cache: dict | None, layout: tuple | None = None
     ) -> _Scores:
         s = self.settings
-        criterion = "entropy" if s.criterion == "bn" else s.criterion
-        if cache is None and criterion != "entropy":
-            return self._scores(tensors, s.level, criterion)
+        score = self.criterion.row_score
+        if cache is None and score is not None:
+            return self._scores(tensors, s.level, score)
         # Within one commit no tensor changes, so a model scored as a host is not scored again
         # as another host's peer.
-        key = (s.level, criterion, s.bins, self._layout_key(tensors) if layout is None else layout)
+        key = (s.level, score, s.bins, self._layout_key(tensors) if layout is None else layout)
         if cache is not None and key in cache:
             if key in self._score_plans:  # kept for the rounds where this grafter scores it
                 self._used_plans[key] = self._score_plans[key]
             return cache[key]
-        if criterion == "entropy":
+        if score is None:
             scores = self._entropy_scores(tensors, s.level, key)
         else:
-            scores = self._scores(tensors, s.level, criterion)
+            scores = self._scores(tensors, s.level, score)
         if cache is not None:
             cache[key] = scores
         return scores
@@ -332,8 +331,9 @@ class Grafter:
         p_scores = torch.stack([sc[0].to(h_scores.device) for sc in scored])
         self._scored_finite = [h_finite, *(sc[2] for sc in scored)]
         alphas = F.graft_alpha(h_scores.unsqueeze(0), p_scores, A=s.A, c=s.c)
-        if s.criterion == "bn":
-            # Units without a norm scale keep the filter-level entropy alpha.
+        unit_alpha = self.criterion.unit_alpha
+        if unit_alpha is not None:
+            # Units without a norm scale keep the alpha of their scores.
             start = 0
             cols = []
             for u, n in zip(self.units, slots, strict=True):
@@ -343,7 +343,7 @@ class Grafter:
                     g = host[self._index[u.gamma]]
                     cols.append(
                         torch.stack(
-                            [F.bn_alpha(g, p[self._index[u.gamma]].to(g.device)) for p in peers]
+                            [unit_alpha(g, p[self._index[u.gamma]].to(g.device)) for p in peers]
                         )
                     )
                 start += n

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "CRITERIA",
     "DEFAULTS",
     "LEVELS",
     "MAX_BINS",
@@ -23,13 +22,23 @@ __all__ = [
     "GraftSettings",
     "Option",
     "check",
+    "criteria",
     "options",
 ]
 
 MAX_BINS = 256  # the round kernels' histogram size (kernels/cpu.c MAXBINS)
 LEVELS = ("layer", "filter")
 ROUTES = ("auto", "c", "triton", "torch")  # auto: the fastest that runs here
-CRITERIA = ("entropy", "l1", "bn")
+
+
+def criteria() -> tuple[str, ...]:
+    """The registered criteria (:mod:`graftopt.criteria`), read when a value is checked."""
+    from .criteria import CRITERIA
+
+    return tuple(CRITERIA)
+
+
+_Names = tuple[str, ...] | Callable[[], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,8 @@ class Option:
         flag: the ``graftopt train`` setting (``TrainConfig`` field) carrying it; ``None``:
             Python API only.
         rule: returns what is wrong with a value (``"must lie in [0, 1]"``), or ``None``.
-        choices: the accepted values, for a setting that is one of a few names.
+        choices: the accepted values, for a setting that is one of a few names (or a function
+            giving them, for a registry).
         api: whether :class:`~graftopt.GraftOptimizer` takes it as a keyword (the peer timeout
             belongs to the peer sources over torch.distributed).
     """
@@ -49,8 +59,12 @@ class Option:
     help: str
     flag: str | None
     rule: Callable[[Any], str | None]
-    choices: tuple[str, ...] | None = None
+    choices: _Names | None = None
     api: bool = True
+
+    def allowed(self) -> tuple[str, ...] | None:
+        """The accepted values (``None``: any value its rule accepts)."""
+        return self.choices() if callable(self.choices) else self.choices
 
 
 def _int(low: int, high: int | None = None) -> Callable[[Any], str | None]:
@@ -71,8 +85,14 @@ def _number(test: Callable[[float], bool], text: str) -> Callable[[Any], str | N
     return rule
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
-    return lambda value: None if value in choices else f"must be one of {choices}"
+def _one_of(
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]],
+) -> Callable[[Any], str | None]:
+    def rule(value: Any) -> str | None:
+        names = choices() if callable(choices) else choices
+        return None if value in names else f"must be one of {names}"
+
+    return rule
 
 
 def _bool(value: Any) -> str | None:
@@ -108,8 +128,8 @@ class GraftSettings:
         None, choices=LEVELS,
     )  # fmt: skip
     criterion: str = _option(
-        "entropy", "what scores a filter: entropy, l1 (mean |w|) or bn (the norm's scale, "
-        "filter level)", "graft_criterion", None, choices=CRITERIA,
+        "entropy", "what weighs the host against a peer (graftopt.criteria)", "graft_criterion",
+        None, choices=criteria,
     )  # fmt: skip
     rate: float = _option(
         1.0, "each round moves a network this fraction of the way to its blend (1: the paper)",
@@ -172,11 +192,15 @@ def check(values: Mapping[str, Any], flags: Mapping[str, str] | None = None) -> 
             if problem:
                 name = f.name if flags is None else flags[f.name]
                 return f"{name} {problem}, got {values[f.name]!r}"
-    if values.get("criterion") == "bn" and values.get("level", "filter") != "filter":
-        return (
-            f"{said('criterion', 'bn')} scores each filter by its norm scale: use "
-            f"{said('level', 'filter')}"
-        )
+    name = values.get("criterion")
+    if name is not None and values.get("level", "filter") != "filter":
+        from .criteria import CRITERIA
+
+        if CRITERIA[name].filter_level:
+            return (
+                f"{said('criterion', name)} weighs each filter on its own: use "
+                f"{said('level', 'filter')}"
+            )
     return None
 
 

@@ -6,11 +6,14 @@ import dataclasses
 import inspect
 
 import pytest
+import torch
 
 import graftopt
 from graftopt.settings import DEFAULTS, GraftSettings, check, options
 from graftopt.train.cli import build_parser
 from graftopt.train.config import ROUND_FIELDS, TrainConfig
+
+from .conftest import make_net
 
 
 def _train_actions() -> dict[str, object]:
@@ -44,7 +47,7 @@ def test_train_config_and_flags_come_from_the_schema():
         action = actions[flag]
         assert action.default == getattr(DEFAULTS, name), flag  # type: ignore[attr-defined]
         option = dict((f.name, o) for f, o in options())[name]
-        assert action.choices == option.choices, flag  # type: ignore[attr-defined]
+        assert action.choices == option.allowed(), flag  # type: ignore[attr-defined]
         assert option.help in (action.help or ""), flag  # type: ignore[attr-defined]
     assert config.round_settings() == {n: getattr(DEFAULTS, n) for n in ROUND_FIELDS}
 
@@ -60,8 +63,8 @@ def test_train_config_and_flags_come_from_the_schema():
         ({"timeout": -1.0}, "timeout must be a number", "--peer-timeout must be a number"),
         (
             {"criterion": "bn", "level": "layer"},
-            "criterion='bn' scores each filter by its norm scale: use level='filter'",
-            "--graft-criterion bn scores each filter by its norm scale: use --graft-level filter",
+            "criterion='bn' weighs each filter on its own: use level='filter'",
+            "--graft-criterion bn weighs each filter on its own: use --graft-level filter",
         ),
     ],
 )
@@ -82,8 +85,6 @@ def test_types_are_checked():
 
 
 def test_keywords_feed_the_optimizer():
-    import torch
-
     host, peer = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
     settings = GraftSettings(every=3, rate=0.5, optimizer_state="reset")
     opt = graftopt.GraftOptimizer(
@@ -92,3 +93,23 @@ def test_keywords_feed_the_optimizer():
     assert opt.settings == dataclasses.replace(settings, timeout=DEFAULTS.timeout)
     assert (opt.every, opt.rate, opt.optimizer_state) == (3, 0.5, "reset")
     opt.close()
+
+
+def test_a_new_criterion_is_one_registry_entry(monkeypatch):
+    from graftopt import criteria
+
+    def largest(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.segment_reduce(values.float().abs(), "max", lengths=lengths)
+
+    new = criteria.Criterion("max", "the largest |w|", row_score=largest)
+    monkeypatch.setitem(criteria.CRITERIA, "max", new)  # what register() does, undone after
+    with pytest.raises(ValueError, match="registered already"):
+        criteria.register(new)
+    assert "max" in _train_actions()["graft_criterion"].choices  # type: ignore[attr-defined]
+    host, peer = make_net(0), make_net(1)
+    with torch.no_grad():
+        peer.fc.weight.mul_(10.0)  # the peer's largest weight wins the classifier
+    record = graftopt.graft_(host, [peer], criterion="max")
+    assert record.alphas[0, record.units.index("fc")] < 0.5
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        GraftSettings(criterion="median")

@@ -62,10 +62,9 @@ def _add_round_flags(group: argparse._ArgumentGroup) -> None:
             text = f"{option.help}, or 'epoch' (once an epoch, as the paper)"
             group.add_argument(flag, type=_every, default=default, help=text)
         else:
-            kind = str if option.choices else type(f.default)
-            group.add_argument(
-                flag, type=kind, choices=option.choices, default=default, help=option.help
-            )
+            choices = option.allowed()
+            kind = str if choices else type(f.default)
+            group.add_argument(flag, type=kind, choices=choices, default=default, help=option.help)
 
 
 def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
