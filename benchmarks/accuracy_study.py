@@ -85,6 +85,11 @@ CONFIGS: dict[str, dict[str, Any] | Callable[[int], dict[str, Any]]] = {
     "reset-momentum": {"graft_optimizer_state": "reset"},
     "gentle": GENTLE,  # same init + half-way rounds + recalibration
     "papa": dict(PRESETS["papa"]),  # population averaging as a graft configuration
+    # PAPA as its paper trains the population: each member its own mixup and label smoothing,
+    # the 1 % pull every 10 steps, and the soup at the end (its norm statistics re-estimated).
+    "papa-draws": {**PRESETS["papa"], "member_draws": True},
+    # The same members without the pull: what the per-member regularisation alone gives.
+    "baseline-draws": {"graft": False, "member_draws": True, **AVERAGES},
     # Local averaging: one start, the plain mean every 10 steps (PAPA's period, the whole way).
     "avg-10": {"same_init": True, "graft_A": 0.0, "graft_every": 10},
     "graft-10": {"same_init": True, "graft_every": 10},  # avg-10 with the paper's alphas
@@ -275,11 +280,15 @@ VERSUS = (
     ("grafting, the defaults (graft-10)", "graft-10-ema", "grafted"),
     ("the defaults + EMA", "graft-10-ema", "ema_grafted"),
     ("K/2 grafted networks of 2 data-parallel replicas", "graft-pairs", "grafted"),
+    ("K networks, each its own mixup and label smoothing", "baseline-draws", "peer"),
+    ("their ensemble", "baseline-draws", "ensemble_peer"),
+    ("PAPA: those draws + the 1 % pull every 10 steps", "papa-draws", "grafted"),
+    ("PAPA's soup (the final average)", "papa-draws", "soup_grafted"),
 )
 
 
 def _figure(summary: dict[str, Any], what: str) -> float | None:
-    if what.startswith("ensemble_"):
+    if what.startswith(("ensemble_", "soup_")):
         net = summary["networks"].get(what)
         return None if net is None else net["last_top1"]
     group = summary["groups"].get(what)
@@ -292,7 +301,7 @@ def _hardware(cfg: TrainConfig, what: str, k: int) -> tuple[int, str]:
     if cfg.replicas > 1:
         nets = cfg.peers if cfg.graft else 1
         return cfg.epochs * nets, f"{cfg.replicas * nets} x {steps}"
-    if what.endswith("grafted") or what.startswith("ensemble"):
+    if what.endswith("grafted") or what.startswith(("ensemble", "soup")):
         return cfg.epochs * k, f"{k} x {steps}"
     return cfg.epochs, f"1 x {steps}"
 

@@ -195,3 +195,38 @@ def test_a_fixed_size_model_is_refused_naming_img_size(
     assert "--model vit_tiny_patch16_224 does not take 3x16x16 images" in err, err
     assert "Give --img-size to resize the data (its default input is 3x224x224)" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_member_draws_give_each_lane_its_own_regularisation(tmp_path: Path) -> None:
+    """--member-draws: a lane's mixup and label smoothing come from (seed, lane); the lane's
+    baseline trains on the same mixed batches, so with one start and no rounds they are equal."""
+    from graftopt.train.loop import MemberDraws
+
+    draws = [MemberDraws.of(0, lane) for lane in range(6)]
+    assert draws == [MemberDraws.of(0, lane) for lane in range(6)]
+    assert len(set(draws)) > 1
+    x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))
+    mixed = x.clone()
+    torch.manual_seed(3)
+    loss_of = MemberDraws(1.0, 0.1).batch(mixed, y)
+    assert not torch.equal(mixed, x)
+    logits = torch.randn(6, 3)
+    torch.manual_seed(3)
+    lam = float(torch.distributions.Beta(1.0, 1.0).sample())
+    perm = torch.randperm(6)
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
+    want = lam * F.cross_entropy(logits, y, label_smoothing=0.1) + (1 - lam) * F.cross_entropy(
+        logits, y[perm], label_smoothing=0.1
+    )
+    torch.testing.assert_close(loss_of(logits), want)
+
+    folder = _write_folder(tmp_path / "data")
+    flags = ["--dataset", "folder", "--data-dir", str(folder), "--in-chans", "1", "--epochs", "1"]
+    flags += [a for a in TINY if a != "--diverse-lr"] + ["--member-draws", "--no-graft"]
+    out = tmp_path / "run"
+    assert main(["train", *flags, "--output", str(out)]) == 0
+    rows = read_csv(out / "metrics.csv")
+    loss = {r["network"]: r["train_loss"] for r in rows if r["train_loss"] is not None}
+    assert loss["peer0"] == loss["baseline0"] and loss["peer1"] == loss["baseline1"]
+    assert loss["peer0"] != loss["peer1"]  # each lane its own draws (and data order)
+    assert main(["train", *flags, "--replicas", "2", "--output", str(tmp_path / "r")]) == 2

@@ -192,6 +192,12 @@ def _add_train(sub: argparse._SubParsersAction, defaults: dict) -> None:
         help="training batches that re-estimate the final soup's norm statistics (0: none)",
     )
     g.add_argument(
+        "--member-draws",
+        action="store_true",
+        help="each network draws its own mixup alpha (0, 0.5, 1) and label smoothing (0, 0.05, "
+        "0.1), as population averaging (PAPA) trains its members; a lane's baseline draws the same",
+    )
+    g.add_argument(
         "--diverse-lr",
         action="store_true",
         help="network i of K starts at lr*(1+cos(pi*(K-i)/K))/2 (the paper's dlr)",

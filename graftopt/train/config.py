@@ -102,6 +102,8 @@ class TrainConfig:
     # step both peers settle on one confident wrong answer (docs/accuracy.md).
     distill_warmup: float = 1.0
     soup_recalibrate: int = 20
+    # PAPA's per-member regularisation: each lane its own mixup alpha and label smoothing.
+    member_draws: bool = False
     diverse_lr: bool = False
     same_data_order: bool = False
     peer_timeout: float = _D.timeout  # torchrun: seconds a rank waits for its peers
@@ -156,8 +158,10 @@ class TrainConfig:
                 f"share of the batch), got --replicas {self.replicas} with --batch-size "
                 f"{self.batch_size}"
             )
-        if self.replicas > 1 and self.distill_weight:
-            raise ValueError("--replicas does not combine with --distill-weight; drop one")
+        if self.replicas > 1 and (self.distill_weight or self.member_draws):
+            raise ValueError(
+                "--replicas does not combine with --distill-weight or --member-draws; drop one"
+            )
         if not 0.0 <= self.model_ema < 1.0:
             raise ValueError(f"--model-ema is a decay in [0, 1) (0: off), got {self.model_ema}")
         if self.swa_start is not None and not 0 <= self.swa_start < self.epochs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import time
@@ -86,6 +87,7 @@ class Net:
     ema: ModelEmaV3 | None = None  # --model-ema
     swa: AveragedModel | None = None  # --swa-start
     average: str = ""  # "ema" or "swa": this Net is a view of another's average
+    draws: MemberDraws | None = None  # --member-draws: this lane's mixup and label smoothing
 
     @property
     def kind(self) -> str:
@@ -123,6 +125,46 @@ def check_model(name: str) -> None:
         raise ValueError(f"--model {name!r} is not a timm model.{hint}")
 
 
+# PAPA's per-member regularisation (Jolicoeur-Martineau et al., 2023): each member of the
+# population trains with its own mixup strength and label smoothing.
+MIXUP_ALPHAS = (0.0, 0.5, 1.0)
+SMOOTHINGS = (0.0, 0.05, 0.1)
+
+
+@dataclass(frozen=True)
+class MemberDraws:
+    """One lane's regularisation: mixup's Beta(alpha, alpha) (0: none) and label smoothing."""
+
+    mixup: float
+    smoothing: float
+
+    @classmethod
+    def of(cls, seed: int, lane: int) -> MemberDraws:
+        """The lane's draw, from (seed, lane) alone (a baseline of the lane draws the same)."""
+        g = torch.Generator().manual_seed(_seed(seed, 4, lane))
+        pick = torch.randint(0, len(MIXUP_ALPHAS) * len(SMOOTHINGS), (1,), generator=g).item()
+        return cls(MIXUP_ALPHAS[pick // len(SMOOTHINGS)], SMOOTHINGS[pick % len(SMOOTHINGS)])
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Mix the batch (drawing from torch's generator: the lane's stream) and return the
+        loss of the logits on it."""
+        smoothing = self.smoothing
+        if self.mixup <= 0:
+            return lambda logits: F.cross_entropy(logits, y, label_smoothing=smoothing)
+        lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+        perm = torch.randperm(x.shape[0], device=x.device)
+        partner = x[perm]  # a copy: x is mixed in place below
+        x.mul_(lam).add_(partner, alpha=1 - lam)
+        return lambda logits: (
+            lam * F.cross_entropy(logits, y, label_smoothing=smoothing)
+            + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=smoothing)
+        )
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target)
+
+
 def build_nets(
     cfg: TrainConfig, spec: DataSpec, device: torch.device, lanes: Sequence[int]
 ) -> list[Net]:
@@ -142,12 +184,13 @@ def build_nets(
         )
         model.to(device=device, memory_format=memory)
         lr = diverse_lr(cfg.lr, lane, cfg.peers) if cfg.diverse_lr else cfg.lr
+        draws = MemberDraws.of(cfg.seed, lane) if cfg.member_draws else None
         models = [(True, model)] + ([(False, copy.deepcopy(model))] if cfg.baseline else [])
         for grafted, m in models:
             opt = create_optimizer_v2(
                 m, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
             )
-            net = Net("", lane, grafted, m, opt, lr, peer=not cfg.graft)
+            net = Net("", lane, grafted, m, opt, lr, peer=not cfg.graft, draws=draws)
             net.name = f"{net.kind}{lane}"
             nets.append(net)
     return nets
@@ -362,6 +405,12 @@ def train_epoch(
                 x, y = next(it)  # the lane's augmentation draws happen here (workers=0)
                 x = x.to(device, non_blocking=True, memory_format=memory)
                 y = y.to(device, non_blocking=True)
+                draws = lane_nets[0].draws
+                # Drawn once per lane: the lane's baseline trains on the same mixed batch.
+                if draws is not None:
+                    loss_of = draws.batch(x, y)
+                else:
+                    loss_of = functools.partial(_cross_entropy, target=y)
                 for net in lane_nets:
                     net.optimizer.zero_grad(set_to_none=True)
                     if cfg.replicas > 1:
@@ -369,7 +418,9 @@ def train_epoch(
                     else:
                         with autocast():
                             logits = net.model(x)
-                            loss = F.cross_entropy(logits, y)
+                            loss = (
+                                F.cross_entropy(logits, y) if loss_of is None else loss_of(logits)
+                            )
                             if id(net) in learns:
                                 teachers = peer_logits([s for s in students if s is not net], x)
                                 weight = distill_weight(cfg, updates, steps)
@@ -606,6 +657,11 @@ def recipe_line(cfg: TrainConfig, spec: DataSpec, steps: int, every: int) -> str
         extras.append("filters matched")
     if cfg.distill_weight:
         extras.append(f"distill {cfg.distill_weight} T={cfg.distill_T}")
+    if cfg.member_draws:
+        draws = [MemberDraws.of(cfg.seed, lane) for lane in range(cfg.peers)]
+        extras.append(
+            "member draws " + "/".join(f"mixup {d.mixup} ls {d.smoothing}" for d in draws)
+        )
     shape = f"{spec.in_chans}x{spec.img_size}x{spec.img_size}"
     sizes = f"{len(spec.train)} train / {len(spec.val)} val images"  # type: ignore[arg-type]
     return (
