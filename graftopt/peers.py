@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from .adapters.base import Adapter, TensorRefs, Unit, nonempty, tensor_table, unwrap
+from .adapters.base import (
+    Adapter,
+    TensorRefs,
+    Unit,
+    nonempty,
+    tensor_table,
+    unreadable,
+    unwrap,
+)
 
 if TYPE_CHECKING:
     from .settings import GraftSettings
@@ -116,6 +124,14 @@ class ModulePeers(PeerSource):
                     f"peer {i} is the host model itself; a model cannot graft from itself"
                 )
             check_alignment(host, units, p, adapter, f"peer {i} ({type(p).__name__})")
+            table = tensor_table(p)
+            for u in units:
+                for n in u.members:
+                    why = unreadable(table[n]) if n in table else None
+                    if why:
+                        raise ValueError(
+                            f"peer {i} ({type(p).__name__}): unit {u.name!r}: {n} {why}"
+                        )
         # The peers as checked: a submodule replaced since then makes fetch() raise.
         names = [n for u in units for n in u.members]
         self._as_bound = [TensorRefs(p, names) for p in self._peers]

@@ -89,3 +89,10 @@ def test_a_checkpoint_of_another_every_loads_with_a_warning():
         for _ in range(5):
             opt.step()
     assert (opt.steps, opt.rounds) == (15, 3)
+
+
+def test_a_peer_the_kernels_cannot_read_is_refused_at_construction():
+    host = nn.Linear(4, 4)
+    peer = nn.Linear(4, 4, device="meta")
+    with pytest.raises(ValueError, match=r"peer 0 \(Linear\): unit '': weight is on the meta"):
+        graftopt.GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.1), [peer], every=1)

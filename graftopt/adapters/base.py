@@ -150,18 +150,33 @@ def validate_units(model: nn.Module, units: Sequence[Unit]) -> None:
             t = table.get(name)
             if t is None:
                 raise ValueError(f"cannot graft unit {unit.name!r}: {_why_missing(model, name)}")
-            if t.is_meta:
-                raise ValueError(
-                    f"cannot graft unit {unit.name!r}: {name} is on the meta device (no values "
-                    "yet); materialize the model first (to_empty(device=...) and initialize, "
-                    "or load its weights), then wrap it"
-                )
+            why = unreadable(t)
+            if why:
+                raise ValueError(f"cannot graft unit {unit.name!r}: {name} {why}")
             other = first.setdefault(id(t), name)
             if other != name:
                 raise ValueError(
                     f"{other} and {name} are the same tensor (tied weights): a round would blend "
                     "it twice; untie them, or give an adapter whose units list it once"
                 )
+
+
+def unreadable(t: Tensor) -> str | None:
+    """Why a round cannot read ``t`` (its kernels read dense, materialized, unsharded memory),
+    or ``None``."""
+    if t.is_meta:
+        return (
+            "is on the meta device (no values yet); materialize the model first "
+            "(to_empty(device=...) and initialize, or load its weights), then wrap it"
+        )
+    if t.layout is not torch.strided:
+        return f"has layout {t.layout} (sparse or nested); rounds read dense tensors"
+    if type(t).__name__ == "DTensor" or hasattr(t, "to_local"):
+        return (
+            "is a DTensor (FSDP2's fully_shard or tensor parallel): rounds read and write whole "
+            "tensors, and sharded ones are not supported"
+        )
+    return None
 
 
 # Submodule registrations anywhere in the process, counted so that located tensors are checked
