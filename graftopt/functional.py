@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -348,6 +350,23 @@ def _alpha_view(alphas: Tensor, column: int, axis: int | None, host: Tensor) -> 
     return alphas[:, column : column + n].reshape(shape)
 
 
+@dataclass
+class DtypeGroup:
+    """The tensors of one dtype that one C mix call blends, and its arrays once built.
+
+    Attributes:
+        idx: their positions among the plan's tensors.
+        at: ``idx`` as a tensor (to scatter their finite flags).
+        kernel: the C kernel's argument arrays (``kernels.cpu.Mix``), made at the first run.
+        kept: the destinations ``kernel`` points at, while the caller hands them back.
+    """
+
+    idx: list[int]
+    at: Tensor
+    kernel: Any = None
+    kept: list[Tensor] | None = None
+
+
 class MixPlan:
     """:func:`mix_many`'s choice of path per tensor and its kernel arrays, made once per layout.
 
@@ -392,11 +411,11 @@ class MixPlan:
                 generic.append(i)
         # Per dtype: the tensors, their positions, and (made at the first run) the C kernel's
         # arrays with the destinations they point at.
-        self.fast: list[list] = []
+        self.fast: list[DtypeGroup] = []
         for dtype in (torch.float32, torch.float64):
             idx = [i for i in fast if hosts[i].dtype == dtype]
             if idx:
-                self.fast.append([idx, torch.tensor(idx, dtype=torch.long), None, None])
+                self.fast.append(DtypeGroup(idx, torch.tensor(idx, dtype=torch.long)))
         self.whole = len(self.fast) == 1 and len(fast) == T  # one kernel call covers every tensor
         self.generic = generic
         self.generic_at = torch.tensor(generic, dtype=torch.long)
@@ -420,14 +439,18 @@ class MixPlan:
 
     def release(self) -> None:
         """Let go of the destinations kept from the last run (their memory can be freed)."""
-        for entry in self.fast:
-            entry[3] = None
+        for group in self.fast:
+            group.kept = None
 
     def _kernel(
-        self, entry: list, hosts: Sequence[Tensor], peers: Sequence[Sequence[Tensor]], out: list
+        self,
+        entry: DtypeGroup,
+        hosts: Sequence[Tensor],
+        peers: Sequence[Sequence[Tensor]],
+        out: list,
     ) -> tuple[list[Tensor], object]:
         """The destinations of one dtype's tensors and the kernel arrays pointing at them."""
-        idx, _, kernel, kept = entry
+        idx, kernel, kept = entry.idx, entry.kernel, entry.kept
         given = out if self.whole else [out[i] for i in idx]
         if kernel is not None and kept is not None and all(map(operator.is_, given, kept)):
             return kept, kernel
@@ -440,10 +463,10 @@ class MixPlan:
             )  # fmt: skip
         else:
             kernel.aim(dst)
-        entry[2] = kernel
+        entry.kernel = kernel
         # Destinations the caller handed in come back next round: the arrays then stay valid.
         # Fresh ones are not held, so the plan keeps no weight copy alive between rounds.
-        entry[3] = dst if all(o is not None for o in given) else None
+        entry.kept = dst if all(o is not None for o in given) else None
         return dst, kernel
 
     def run(
@@ -467,7 +490,7 @@ class MixPlan:
         result: list[Tensor | None] = [None] * T
         finite = torch.empty(T, dtype=torch.bool, device=device)
         for entry in self.fast:
-            idx, at = entry[0], entry[1]
+            idx, at = entry.idx, entry.at
             dst, kernel = self._kernel(entry, hosts, peers, out)
             finite[at] = kernel.run(alphas).to(device)
             for k, i in enumerate(idx):

@@ -119,12 +119,12 @@ def _build(plans: Sequence[RoundPlan]) -> InPlaceRound:
     mixers = [p.mixer for p in plans]
     if any(m.ck is None for m in mixers):
         return impossible
-    dtypes = {p.host[e[0][0]].dtype for p, m in zip(plans, mixers, strict=True) for e in m.fast}
+    dtypes = {p.host[e.idx[0]].dtype for p, m in zip(plans, mixers, strict=True) for e in m.fast}
     if not dtypes:
         return impossible
     dtype = torch.float32 if torch.float32 in dtypes else torch.float64
     picked = [
-        next((e[0] for e in m.fast if p.host[e[0][0]].dtype == dtype), [])
+        next((e.idx for e in m.fast if p.host[e.idx[0]].dtype == dtype), [])
         for p, m in zip(plans, mixers, strict=True)
     ]
     # Writes must not overlap; a read of the kernel either is exactly one of its writes or

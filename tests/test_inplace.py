@@ -345,7 +345,7 @@ def test_buffers_kept_from_buffered_rounds_are_released_in_place():
     g = oa._participant.grafter
     assert oa._participant.group.in_place[0].possible
     assert all(t is None for t in g._out)
-    assert all(entry[3] is None for entry in g._mix[1].fast)
+    assert all(group.kept is None for group in g._mix[1].fast)
 
 
 def test_huge_finite_float64_values_blend_like_buffered(monkeypatch):
