@@ -417,6 +417,13 @@ class GraftOptimizer(Optimizer):
         return list(self._participant.grafter.units)
 
     @property
+    def group(self) -> list[nn.Module]:
+        """The models of this process whose rounds are simultaneous with this host's (this
+        host, the models it grafts from that are hosts too, and those grafting from it),
+        in the order they were wrapped. A round commits when all of them reached it."""
+        return self._participant.group.hosts
+
+    @property
     def steps(self) -> int:
         """Calls of :meth:`step` (one a GradScaler skips included)."""
         return self._participant.steps

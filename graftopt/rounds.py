@@ -176,6 +176,11 @@ class RoundGroup:
             p.group = self
 
     @property
+    def hosts(self) -> list[nn.Module]:
+        """The models that round together, in the order they were wrapped."""
+        return [p.host for p in self.members]
+
+    @property
     def members(self) -> list[Participant]:
         """The live members, in the order their hosts were wrapped."""
         return [p for p in (r() for r in self._members) if p is not None]

@@ -96,3 +96,16 @@ def test_a_peer_the_kernels_cannot_read_is_refused_at_construction():
     peer = nn.Linear(4, 4, device="meta")
     with pytest.raises(ValueError, match=r"peer 0 \(Linear\): unit '': weight is on the meta"):
         graftopt.GraftOptimizer(torch.optim.SGD(host.parameters(), lr=0.1), [peer], every=1)
+
+
+def test_the_group_a_wrapper_rounds_with_is_visible():
+    a, b, c, d = (make_net(s) for s in range(4))
+    opts = graftopt.ring([a, b], [torch.optim.SGD(m.parameters(), lr=0.0) for m in (a, b)])
+    assert [m is n for m, n in zip(opts[0].group, (a, b), strict=True)] == [True, True]
+    # A wrapper grafting from a ring member joins that ring's rounds: it says so.
+    oc = graftopt.GraftOptimizer(torch.optim.SGD(c.parameters(), lr=0.0), [a])
+    assert [m is n for m, n in zip(opts[1].group, (a, b, c), strict=True)] == [True] * 3
+    od = graftopt.GraftOptimizer(torch.optim.SGD(d.parameters(), lr=0.0), [make_net(5)])
+    assert len(od.group) == 1 and od.group[0] is d
+    oc.close()
+    assert len(opts[0].group) == 2
