@@ -251,7 +251,7 @@ def test_optimizer_matches_in_rounds_and_checkpoints_the_setting():
     with pytest.warns(UserWarning, match="align"):
         other.load_state_dict(state)
     other.close()
-    with pytest.raises(TypeError, match="align"):
+    with pytest.raises(ValueError, match="align must be True or False"):
         graftopt.GraftOptimizer(
             torch.optim.SGD(host.parameters(), lr=0.0), [peer], every=1, align=1
         )

@@ -135,7 +135,7 @@ def test_presets_set_defaults_and_flags_win() -> None:
     [
         (["--graft-rate", "0"], "--graft-rate must lie in (0, 1]"),
         (["--graft-rate", "1.5"], "--graft-rate must lie in (0, 1]"),
-        (["--graft-start", "-1"], "--graft-start must be >= 0"),
+        (["--graft-start", "-1"], "--graft-start must be an integer >= 0"),
         (["--graft-recalibrate", "-2"], "batch count >= 0"),
         (["--distill-weight", "-1"], "--distill-weight must be >= 0"),
         (["--distill-weight", "nan"], "--distill-weight must be >= 0"),
