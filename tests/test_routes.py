@@ -19,7 +19,7 @@ from graftopt import functional as F
 from graftopt import kernels
 from graftopt.kernels import cpu
 
-from .conftest import ROUTE_MODULES, make_net, require_c
+from .conftest import TRITON_MODULES, make_net, require_c
 
 ROOT = Path(__file__).resolve().parents[1]
 # The C kernel fuses multiply-adds the torch route rounds separately: the routes agree within
@@ -108,7 +108,7 @@ def test_the_round_tests_pass_on_the_triton_route():
     if os.environ.get("GRAFTOPT_ROUTE"):
         pytest.skip("already inside a route job")
     env = {**os.environ, "GRAFTOPT_ROUTE": "triton", "TRITON_INTERPRET": "1"}
-    modules = [f"tests/{m}.py" for m in ROUTE_MODULES]
+    modules = [f"tests/{m}.py" for m in TRITON_MODULES]
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *modules]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:]
