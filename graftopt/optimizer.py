@@ -172,6 +172,52 @@ def _warn_ddp_over_peers(model: nn.Module | None, source: PeerSource) -> None:
         )
 
 
+def _source_of(peers: Sequence[nn.Module] | PeerSource) -> PeerSource:
+    if isinstance(peers, PeerSource):
+        return peers
+    if isinstance(peers, nn.Module):
+        raise TypeError("peers must be a list of models (or a PeerSource), not one model")
+    for i, peer in enumerate(peers):
+        _refuse_sharded(unwrap(peer), f"peer {i}'s")
+    return ModulePeers(list(peers))
+
+
+def _host_of(
+    optimizer: Optimizer, peers: Sequence[nn.Module] | PeerSource, model: nn.Module | None
+) -> nn.Module:
+    """The model the optimizer trains: ``model`` (checked), or the one inferred."""
+    if model is None:
+        host = _infer_host(optimizer, None if isinstance(peers, PeerSource) else list(peers))
+    else:
+        host = unwrap(model)
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not any(id(p) in held for p in host.parameters()):
+            raise ValueError(
+                f"model= is a {type(host).__name__} none of whose parameters this optimizer "
+                "trains: pass the model whose parameters the optimizer was given"
+            )
+    _refuse_sharded(host, "the host's")
+    return host
+
+
+def _bound_units(host: nn.Module, adapter: Adapter, source: PeerSource, frozen: str) -> list[Unit]:
+    """The host's units, checked, with the peers bound to them (``frozen="keep"``: the units
+    whose scored weights all have ``requires_grad=False`` left out, after the peers' check)."""
+    units = adapter.units(host)
+    validate_units(host, units)
+    units = nonempty(host, units)
+    if type(adapter) is GenericAdapter:
+        warn_uncovered(host, units)
+    # Peers are checked against the whole architecture, frozen layers included.
+    source.bind(host, units, adapter)
+    if frozen == "keep":
+        params = dict(host.named_parameters(remove_duplicate=False))
+        units = [u for u in units if any(params[n].requires_grad for n in u.scored if n in params)]
+        if not units:
+            raise ValueError("frozen='keep' leaves no unit to graft: every layer is frozen")
+    return units
+
+
 class GraftOptimizer(Optimizer):
     r"""Wrap an optimizer so that its model grafts from its peers every ``every`` steps.
 
@@ -294,44 +340,11 @@ class GraftOptimizer(Optimizer):
         self.callback = callback
         self.history: deque[RoundRecord] = deque(maxlen=history)
 
-        if isinstance(peers, PeerSource):
-            source = peers
-        else:
-            if isinstance(peers, nn.Module):
-                raise TypeError("peers must be a list of models (or a PeerSource), not one model")
-            source = ModulePeers(list(peers))
+        source = _source_of(peers)
         _warn_ddp_over_peers(model, source)
-        if model is not None:
-            host = unwrap(model)
-            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            if not any(id(p) in held for p in host.parameters()):
-                raise ValueError(
-                    f"model= is a {type(host).__name__} none of whose parameters this optimizer "
-                    "trains: pass the model whose parameters the optimizer was given"
-                )
-        else:
-            modules = None if isinstance(peers, PeerSource) else list(peers)
-            host = _infer_host(optimizer, modules)
-        self.model = host
-        _refuse_sharded(host, "the host's")
-        if not isinstance(peers, PeerSource):
-            for i, peer in enumerate(peers):
-                _refuse_sharded(unwrap(peer), f"peer {i}'s")
+        host = self.model = _host_of(optimizer, peers, model)
         self.adapter = adapter if adapter is not None else get_adapter(host)
-        units = self.adapter.units(host)
-        validate_units(host, units)
-        units = nonempty(host, units)
-        if type(self.adapter) is GenericAdapter:
-            warn_uncovered(host, units)
-        # Peers are checked against the whole architecture, frozen layers included.
-        source.bind(host, units, self.adapter)
-        if frozen == "keep":
-            params = dict(host.named_parameters(remove_duplicate=False))
-            units = [
-                u for u in units if any(params[n].requires_grad for n in u.scored if n in params)
-            ]
-            if not units:
-                raise ValueError("frozen='keep' leaves no unit to graft: every layer is frozen")
+        units = _bound_units(host, self.adapter, source, frozen)
         # A weak reference, so that dropping the wrapper frees the host for another wrapper
         # without waiting for the garbage collector to break a cycle.
         grafter = Grafter(host, units, source, settings)
