@@ -23,6 +23,7 @@ from .adapters.base import TensorRefs, Unit, tensor_table
 from .criteria import CRITERIA
 from .diagnostics import RoundRecord
 from .kernels import cpu
+from .kernels.plans import EntropyPlan, MixPlan
 from .matching import ChannelSpaces, matched
 from .peers import PeerSource
 from .settings import GraftSettings
@@ -87,7 +88,7 @@ class RoundPlan:
     table: Tensor
     record: RoundRecord
     key: tuple
-    mixer: F.MixPlan
+    mixer: MixPlan
     scored_finite: list[Tensor | None]
 
     @property
@@ -212,7 +213,7 @@ class Grafter:
         self._host_plan: tuple | None = None  # (key, columns, axes, lengths)
         self._fit: tuple | None = None  # (host key, which kept buffers fit)
         self._out_key: tuple | None = None  # the host key the kept buffers were made for
-        self._mix: tuple | None = None  # (key, F.MixPlan)
+        self._mix: tuple | None = None  # (key, MixPlan)
         self._interned: dict[tuple, _Key] = {}  # layout keys by tensor ids, last round
         self._seen: dict[tuple, _Key] = {}  # those made this round
 
@@ -264,7 +265,7 @@ class Grafter:
         direct = None if fresh else [s for s in spec if isinstance(s, int)]
         sources = self._sources(tensors, spec, direct)
         s = self.settings
-        plan = F.EntropyPlan(sources, rows=rows, bins=s.bins, fresh=fresh, route=s.route)
+        plan = EntropyPlan(sources, rows=rows, bins=s.bins, fresh=fresh, route=s.route)
         unit_of_row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
         return spec, direct, rows, plan, unit_of_row
 
@@ -441,7 +442,7 @@ class Grafter:
         mix_key = (host_key, *layouts[1:])
         if self._mix is None or self._mix[0] != mix_key:
             self._check_shapes(layouts)  # tensors replaced since the last round
-            mixer = F.MixPlan(host, peers, columns, axes, self.settings.route)
+            mixer = MixPlan(host, peers, columns, axes, self.settings.route)
             self._mix = (mix_key, mixer)
         record = RoundRecord(0, 0, self._unit_names, tuple(slots), h_scores, p_scores, alphas)
         return RoundPlan(host, peers, table, record, mix_key, self._mix[1], self._scored_finite)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import functional as F
 from .kernels import cpu
+from .kernels.plans import MixPlan
 
 if TYPE_CHECKING:
     from .grafter import Grafter, RoundPlan
@@ -65,7 +66,7 @@ class InPlaceRound:
         plans: Sequence[RoundPlan],
         kernel: cpu.GroupMix | None,
         picked: Sequence[list[int]] = (),
-        others: Sequence[tuple[list[int], F.MixPlan | None]] = (),
+        others: Sequence[tuple[list[int], MixPlan | None]] = (),
     ) -> None:
         self.key = tuple(p.key for p in plans)
         self.kernel = kernel
@@ -165,7 +166,7 @@ def _build(plans: Sequence[RoundPlan]) -> InPlaceRound:
         rest = [i for i in range(len(p.host)) if i not in taken]
         sub = None
         if rest:
-            sub = F.MixPlan(
+            sub = MixPlan(
                 [p.host[i] for i in rest],
                 [[q[i] for i in rest] for q in p.peers],
                 [m.columns[i] for i in rest],

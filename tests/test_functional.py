@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from graftopt import functional as F
+from graftopt.kernels.plans import EntropyPlan, MixPlan
 
 from .conftest import ref_alpha, ref_entropy
 
@@ -109,12 +110,12 @@ def test_plans_refuse_tensors_they_were_not_built_for() -> None:
     h1, p1 = [torch.randn(4, 3, generator=g)], [[torch.randn(4, 3, generator=g)]]
     h2, p2 = [torch.randn(4, 3, generator=g)], [[torch.randn(4, 3, generator=g)]]
     alphas = torch.full((1, 1), 0.6)
-    plan = F.MixPlan(h1, p1, [0], [None])
+    plan = MixPlan(h1, p1, [0], [None])
     first, _ = F.mix_many(h1, p1, alphas, [0], [None], plan=plan)
     torch.testing.assert_close(first[0], 0.6 * h1[0] + 0.4 * p1[0][0])
     with pytest.raises(ValueError, match="MixPlan was built for other tensors"):
         F.mix_many(h2, p2, alphas, [0], [None], plan=plan)
-    entropy_plan = F.EntropyPlan(h1)
+    entropy_plan = EntropyPlan(h1)
     entropy_plan(h1)
     if entropy_plan.ck is not None:  # the torch path keeps no pointers
         with pytest.raises(ValueError, match="EntropyPlan was built for other tensors"):
