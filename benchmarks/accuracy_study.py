@@ -271,6 +271,7 @@ VERSUS = (
     ("one network + EMA", "baseline", "ema_peer"),
     ("one network + SWA (second half)", "baseline", "swa_peer"),
     ("ensemble of K independent networks", "baseline", "ensemble_peer"),
+    ("their soup: the K networks' final average (one start)", "baseline", "soup_peer"),
     ("one network, K x the epochs, one worker", "long", "peer"),
     ("the same + EMA", "long", "ema_peer"),
     ("one network, K data-parallel workers", "dp", "peer"),
@@ -282,6 +283,7 @@ VERSUS = (
     ("K/2 grafted networks of 2 data-parallel replicas", "graft-pairs", "grafted"),
     ("K networks, each its own mixup and label smoothing", "baseline-draws", "peer"),
     ("their ensemble", "baseline-draws", "ensemble_peer"),
+    ("their soup", "baseline-draws", "soup_peer"),
     ("PAPA: those draws + the 1 % pull every 10 steps", "papa-draws", "grafted"),
     ("PAPA's soup (the final average)", "papa-draws", "soup_grafted"),
 )

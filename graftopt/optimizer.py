@@ -611,6 +611,15 @@ class GraftOptimizer(Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _changed_settings(self, graft: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """The settings a saved ``"graft"`` entry holds with other values: (saved, current)."""
+        mine = self.state_dict()["graft"]
+        saved = {**graft.get("settings", {}), **graft}
+        current = {**mine["settings"], **mine}
+        names = [*mine["settings"], "every", "start", "rate", "rate_by_lr", "optimizer_state"]
+        names.append("align")
+        return {k: (saved[k], current[k]) for k in names if saved.get(k, current[k]) != current[k]}
+
     def _load(self, state_dict: dict[str, Any]) -> None:
         p = self._participant
         if "graft" not in state_dict:
@@ -623,21 +632,7 @@ class GraftOptimizer(Optimizer):
             p.steps = p.arrived = p.committed = p.dropped = 0
             return
         graft = state_dict["graft"]
-        saved = graft.get("settings", {})
-        current = self.state_dict()["graft"]["settings"]
-        changed = {
-            k: (saved[k], current[k]) for k in saved if k in current and saved[k] != current[k]
-        }
-        for name, value in (
-            ("every", self.every),
-            ("start", p.start),
-            ("rate", self.rate),
-            ("rate_by_lr", self.rate_by_lr),
-            ("optimizer_state", self.optimizer_state),
-            ("align", self.align),
-        ):
-            if graft.get(name, value) != value:
-                changed[name] = (graft[name], value)
+        changed = self._changed_settings(graft)
         if changed:
             warnings.warn(
                 f"graft settings differ from the checkpoint's (saved, current): {changed}; "
@@ -647,19 +642,7 @@ class GraftOptimizer(Optimizer):
         steps, arrived, committed = (int(graft[k]) for k in ("steps", "arrived", "committed"))
         # The counters are checked against the schedule they were saved under.
         every, start = int(graft.get("every", self.every)), int(graft.get("start", p.start))
-        due = steps // every if steps >= start else 0
-        problems = []
-        if min(steps, arrived, committed) < 0:
-            problems.append("a counter is negative")
-        if committed > arrived:
-            problems.append(f"round {committed} committed but only round {arrived} reached")
-        if arrived > due:
-            problems.append(
-                f"round {arrived} reached after {steps} steps (every={every}, start={start}: "
-                f"at most round {due})"
-            )
-        if arrived < due and arrived != committed:
-            problems.append(f"round {arrived} waits while round {due} is already due")
+        problems = _counter_problems(steps, arrived, committed, every, start)
         if problems:
             raise ValueError(
                 f"the graft counters of this state dict contradict each other (steps={steps}, "
@@ -677,6 +660,26 @@ class GraftOptimizer(Optimizer):
             # Another schedule: its rounds so far are those due by now, all of them done.
             p.arrived = p.committed = steps // self.every if steps >= p.start else 0
             p.dropped = 0
+
+
+def _counter_problems(
+    steps: int, arrived: int, committed: int, every: int, start: int
+) -> list[str]:
+    """What contradicts itself in saved graft counters (saved under ``every`` and ``start``)."""
+    due = steps // every if steps >= start else 0
+    problems = []
+    if min(steps, arrived, committed) < 0:
+        problems.append("a counter is negative")
+    if committed > arrived:
+        problems.append(f"round {committed} committed but only round {arrived} reached")
+    if arrived > due:
+        problems.append(
+            f"round {arrived} reached after {steps} steps (every={every}, start={start}: at most "
+            f"round {due})"
+        )
+    if arrived < due and arrived != committed:
+        problems.append(f"round {arrived} waits while round {due} is already due")
+    return problems
 
 
 def ring(

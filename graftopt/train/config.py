@@ -128,6 +128,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work."""
+        self._validate_sizes()
+        self._validate_numbers()
+
+    def _validate_sizes(self) -> None:
+        """Counts, sizes and how the networks are laid out."""
         positive = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,
@@ -169,6 +174,9 @@ class TrainConfig:
                 f"--swa-start must lie in [0, --epochs) so that at least one epoch is "
                 f"averaged, got {self.swa_start} with --epochs {self.epochs}"
             )
+
+    def _validate_numbers(self) -> None:
+        """Rates, schedules, the round settings and the normalization."""
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if not (math.isfinite(self.lr) and self.lr > 0):
