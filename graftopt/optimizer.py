@@ -26,6 +26,8 @@ from .settings import DEFAULTS, GraftSettings
 
 __all__ = ["GraftOptimizer", "ring"]
 
+# The settings a state dict keeps beside its "settings" entry.
+_SAVED_OUTSIDE_SETTINGS = ("every", "start", "rate", "rate_by_lr", "optimizer_state", "align")
 # 2: the inner optimizer's entries at the top level (1: under "optimizer").
 _STATE_VERSION = 2
 _D = DEFAULTS
@@ -616,8 +618,7 @@ class GraftOptimizer(Optimizer):
         mine = self.state_dict()["graft"]
         saved = {**graft.get("settings", {}), **graft}
         current = {**mine["settings"], **mine}
-        names = [*mine["settings"], "every", "start", "rate", "rate_by_lr", "optimizer_state"]
-        names.append("align")
+        names = [*mine["settings"], *_SAVED_OUTSIDE_SETTINGS]
         return {k: (saved[k], current[k]) for k in names if saved.get(k, current[k]) != current[k]}
 
     def _load(self, state_dict: dict[str, Any]) -> None:

@@ -171,7 +171,7 @@ def unreadable(t: Tensor) -> str | None:
         )
     if t.layout is not torch.strided:
         return f"has layout {t.layout} (sparse or nested); rounds read dense tensors"
-    if type(t).__name__ == "DTensor" or hasattr(t, "to_local"):
+    if hasattr(t, "to_local"):  # a DTensor
         return (
             "is a DTensor (FSDP2's fully_shard or tensor parallel): rounds read and write whole "
             "tensors, and sharded ones are not supported"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from graftopt.settings import options
 
-from .config import PRESETS, TrainConfig, merge_resumed
+from .config import FLAGS, PRESETS, TrainConfig, merge_resumed
 
 if TYPE_CHECKING:
     from graftopt.distributed import DistributedContext
@@ -52,7 +52,7 @@ def _add_round_flags(group: argparse._ArgumentGroup) -> None:
     for f, option in options():
         if option.flag is None:
             continue
-        flag = "--" + option.flag.replace("_", "-")
+        flag = FLAGS[f.name]
         default = getattr(_D, option.flag)
         if isinstance(f.default, bool):
             group.add_argument(

@@ -10,6 +10,7 @@ from typing import Any
 from graftopt.settings import DEFAULTS, check, options
 
 __all__ = [
+    "FLAGS",
     "PRESETS",
     "RESUME_OVERRIDES",
     "ROUND_FIELDS",
@@ -38,7 +39,8 @@ RESUME_OVERRIDES = frozenset(
 _D = DEFAULTS
 # The round settings the recipe carries: schema name -> TrainConfig field.
 ROUND_FIELDS = {f.name: o.flag for f, o in options() if o.flag}
-_FLAGS = {name: "--" + flag.replace("_", "-") for name, flag in ROUND_FIELDS.items()}
+# Their command-line flags, as the train parser declares them.
+FLAGS = {name: "--" + flag.replace("_", "-") for name, flag in ROUND_FIELDS.items()}
 
 
 @dataclass
@@ -193,7 +195,7 @@ class TrainConfig:
                 f"with --epochs {self.epochs}"
             )
         # Once an epoch (None) is checked as any valid count.
-        problem = check(self.round_settings(every=1 if self.graft_every is None else None), _FLAGS)
+        problem = check(self.round_settings(every=1 if self.graft_every is None else None), FLAGS)
         if problem:
             raise ValueError(problem)
         if self.graft_recalibrate < 0 or self.soup_recalibrate < 0:

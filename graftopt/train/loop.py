@@ -161,10 +161,6 @@ class MemberDraws:
         )
 
 
-def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, target)
-
-
 def build_nets(
     cfg: TrainConfig, spec: DataSpec, device: torch.device, lanes: Sequence[int]
 ) -> list[Net]:
@@ -410,7 +406,7 @@ def train_epoch(
                 if draws is not None:
                     loss_of = draws.batch(x, y)
                 else:
-                    loss_of = functools.partial(_cross_entropy, target=y)
+                    loss_of = functools.partial(F.cross_entropy, target=y)
                 for net in lane_nets:
                     net.optimizer.zero_grad(set_to_none=True)
                     if cfg.replicas > 1:
